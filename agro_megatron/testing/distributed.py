@@ -36,6 +36,10 @@ def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, seed, result_dir):
     )
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
+        if not os.environ.get("AGRO_WORKER_WARNINGS"):
+            import warnings
+
+            warnings.simplefilter("ignore")  # megatron's CUDA/apex notices, once per rank
         torch.set_num_threads(1)
         from agro_megatron import parallel
 
