@@ -1,0 +1,282 @@
+"""A whole job's configuration: dataclasses, loaded from YAML with dotted `key=value` overrides.
+
+Validation happens up front (`JobConfig.validate`), before any process group or model exists, and
+every error names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the starting policy (= the frozen reference) comes from."""
+    megatron_checkpoint: str | None = None   # dir written by `agro-convert import`
+    hf_checkpoint: str | None = None         # HF dir; converted in-process at start-up
+    tokenizer: str | None = None             # tokenizer dir (default: the checkpoint's)
+    # Built from scratch when no checkpoint is given (the CPU demo): a tiny Llama-3 shape.
+    tiny: dict = field(default_factory=lambda: dict(hidden_size=128, intermediate_size=384, num_layers=4,
+                                                    num_heads=4, num_kv_heads=2, head_dim=32))
+    dtype: str = "fp32"                      # fp32 | bf16
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int | None = None                    # None: world_size // (tp * pp * cp)
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"                 # "synthetic" or a path / hub spec for load_problems
+    heldout: str | None = "synthetic"
+    synthetic_levels: list = field(default_factory=lambda: [1])
+    synthetic_train_size: int = 2000
+    synthetic_heldout_size: int = 64
+    max_prompt_tokens: int = 256
+    skip_malformed: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "native"                   # native | vllm
+    n: int = 4                               # responses per prompt (>= 2)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    vllm_tp: int = 1
+    vllm_gpu_memory_utilization: float = 0.4
+    vllm_sleep_level: int = 2
+
+
+@dataclass
+class AlgorithmConfig:
+    estimator: str = "agro_on"               # agro_on | agro_off | rloo | kl_pg | pg
+    token_estimator: str = "vanilla"         # vanilla | causal | local_kl
+    beta: float = 0.05
+    lr_baseline: str = "loo_var"             # loo_var | none | loo_sq
+    lr_coef: float = 1.0
+    logratio_reduction: str = "sum"          # sum | mean
+    regime: str = "on_policy"                # on_policy | offline | replay | stale
+    replay_p: float = 0.5                    # replay: probability a fresh sample is swapped for a stored one
+    replay_capacity: int = 512
+    staleness: int = 0                       # stale: rollouts generated k policy versions behind
+    offline_data: str | None = None          # offline: responses from pi_ref stored on disk
+    offline_epochs: int = 1
+    epochs_per_batch: int = 1                # optimizer steps per rollout batch (PPO-style)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"               # constant | cosine | linear
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    prompts_per_step: int = 8
+    micro_batch_tokens: int = 4096           # sequence-length budget per micro-batch
+    seed: int = 1234
+    max_bad_steps: int = 3                   # consecutive NaN/inf steps before the run stops
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm-up on reference solutions (the paper starts from an SFT model)."""
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0                           # 0: only before and after training
+    n: int = 1
+    temperature: float = 0.0                 # 0 = greedy
+    max_problems: int = 64
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/tiny_cpu"
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None                   # default: <logging.dir>/checkpoints
+    save_every: int = 0                      # 0: only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2
+    resume: str = "auto"                     # auto | never | <path>
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | None = None, overrides: list[str] | None = None) -> "JobConfig":
+        raw: dict = {}
+        if path:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path!r} not found: pass an existing YAML file")
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=10)")
+            key, value = item.split("=", 1)
+            node = raw
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node[parts[-1]] = yaml.safe_load(value)
+        return _build(cls, raw, "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self, world_size: int | None = None) -> "JobConfig":
+        from agro_megatron.losses import ESTIMATORS, LR_BASELINES, TOKEN_ESTIMATORS
+
+        a, r, p = self.algorithm, self.rollout, self.parallel
+        _one_of("algorithm.estimator", a.estimator, ESTIMATORS)
+        _one_of("algorithm.token_estimator", a.token_estimator, TOKEN_ESTIMATORS)
+        _one_of("algorithm.lr_baseline", a.lr_baseline, LR_BASELINES)
+        _one_of("algorithm.logratio_reduction", a.logratio_reduction, ("sum", "mean"))
+        _one_of("algorithm.regime", a.regime, ("on_policy", "offline", "replay", "stale"))
+        _one_of("rollout.engine", r.engine, ("native", "vllm"))
+        _one_of("model.dtype", self.model.dtype, ("fp32", "bf16"))
+        _one_of("optim.schedule", self.optim.schedule, ("constant", "cosine", "linear"))
+        if r.n < 2:
+            raise ConfigError(f"rollout.n={r.n}: AGRO's leave-one-out baseline needs at least 2 "
+                              "responses per prompt; set rollout.n >= 2")
+        if a.estimator != "pg" and a.beta <= 0:
+            raise ConfigError(f"algorithm.beta={a.beta}: {a.estimator} needs beta > 0 (the KL "
+                              "coefficient); use estimator=pg for an unregularised baseline")
+        if a.token_estimator in ("causal", "local_kl") and a.regime != "on_policy":
+            raise ConfigError(f"algorithm.token_estimator={a.token_estimator} is only valid on "
+                              "on-policy samples; use vanilla with regime " + a.regime)
+        if a.regime == "offline" and not a.offline_data:
+            raise ConfigError("algorithm.regime=offline needs algorithm.offline_data: a file written "
+                              "by `agro-train ... algorithm.regime=offline` generation (see README)")
+        if a.regime == "offline" and a.offline_data and not os.path.exists(a.offline_data):
+            raise ConfigError(f"algorithm.offline_data={a.offline_data!r} does not exist; generate it "
+                              "with tools/generate_offline.py")
+        if not 0.0 <= a.replay_p <= 1.0:
+            raise ConfigError(f"algorithm.replay_p={a.replay_p} must be a probability in [0, 1]")
+        if r.temperature < 0:
+            raise ConfigError(f"rollout.temperature={r.temperature} must be >= 0")
+        for key, value in (("model.megatron_checkpoint", self.model.megatron_checkpoint),
+                           ("model.hf_checkpoint", self.model.hf_checkpoint),
+                           ("model.tokenizer", self.model.tokenizer)):
+            if value and not os.path.exists(value):
+                raise ConfigError(f"{key}={value!r} does not exist: fix the path")
+        for key in ("train", "heldout"):
+            v = getattr(self.data, key)
+            if v and v != "synthetic" and not os.path.exists(v) and "/" in v and os.path.sep in v:
+                raise ConfigError(f"data.{key}={v!r} does not exist: fix the path")
+        if min(p.tp, p.pp, p.cp) < 1:
+            raise ConfigError("parallel.tp/pp/cp must all be >= 1")
+        if world_size is not None:
+            mp = p.tp * p.pp * p.cp
+            dp = p.dp if p.dp is not None else world_size // mp
+            if mp * dp != world_size:
+                raise ConfigError(
+                    f"parallel: TP x PP x CP x DP = {p.tp}x{p.pp}x{p.cp}x{dp} = {mp * dp} != world size "
+                    f"{world_size}; launch {mp * dp} processes (torchrun --nproc-per-node) or change parallel.*")
+            if self.train.prompts_per_step % dp:
+                raise ConfigError(f"train.prompts_per_step={self.train.prompts_per_step} is not divisible "
+                                  f"by DP={dp}: every data-parallel rank needs the same number of prompts")
+        return self
+
+
+def _one_of(key: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        key = sorted(unknown)[0]
+        import difflib
+
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(names))}"
+        raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value, hint = raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, hint, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key):
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        hint = args[0]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if hint in (int, str, bool) and not isinstance(value, hint):
+        if hint is str and isinstance(value, (int, float)):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected {hint.__name__}")
+    if hint in (dict, list) and not isinstance(value, hint):
+        raise ConfigError(f"{key}={value!r}: expected a {hint.__name__}")
+    return value
