@@ -14,6 +14,8 @@ CORE = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "tokenizers>=0.20",
+    # HF tokenizers/configs for prompts and checkpoints; <5.20 keeps vLLM installable beside it.
+    "transformers>=4.48,<5.20",
     # Answer parsing for the MATH reward (LaTeX -> SymPy); see rewards/math.py.
     "latex2sympy2_extended>=1.10",
     "math-verify>=0.7",
