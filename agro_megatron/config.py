@@ -46,6 +46,7 @@ class DataConfig:
     synthetic_train_size: int = 2000
     synthetic_heldout_size: int = 64
     max_prompt_tokens: int = 256
+    system_prompt: str | None = "default"    # "default": data.prompt.SYSTEM_PROMPT; null: none
     skip_malformed: bool = False
     seed: int = 0
 

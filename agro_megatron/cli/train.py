@@ -1,0 +1,42 @@
+"""`agro-train [CONFIG.yaml] [key=value ...]`: an AGRO run (default: the tiny CPU demo)."""
+from __future__ import annotations
+
+import os
+import sys
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nOverrides use dotted keys, e.g. train.steps=10 parallel.tp=2. "
+              "Launch multi-process runs with torchrun --nproc-per-node N -m agro_megatron.train ...")
+        return 0
+    config = None
+    if argv and "=" not in argv[0]:
+        config = argv.pop(0)  # without a file, the built-in defaults are the tiny CPU demo
+    from agro_megatron.config import ConfigError, JobConfig
+
+    try:
+        cfg = JobConfig.load(config, argv)
+        cfg.validate()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"agro-train: {e}", file=sys.stderr)
+        return 2
+    from agro_megatron.train.run import run_job
+
+    try:
+        run_job(cfg)
+    except ConfigError as e:
+        print(f"agro-train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from agro_megatron import parallel
+
+        try:
+            parallel.destroy()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from agro_megatron.cli.train import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Running token batches through megatron-core's forward_backward_func (any TP x PP).
+
+The trainer hands over micro-batches of right-padded sequences and a `loss_fn(logits_shard, mb)`
+that runs on the last pipeline stage. This module owns the megatron details: pipeline shapes,
+the policy+reference pairing, and the micro-batch loss scaling.
+
+Why a `PolicyWithReference` pair: the local_kl estimator and kl_pg need the full-vocabulary
+KL(pi || pi_ref) at every position, i.e. both models' vocab-sharded logits on the last stage at the
+same time. Running the frozen reference beside the policy in one module makes the pipeline carry both
+streams ([s, 2b, h] activations) through the same schedule, for any PP, with no extra copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from agro_megatron import platform
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    tokens: torch.Tensor          # [b, L] input ids (right padded)
+    labels: torch.Tensor          # [b, L] next-token ids (pad where loss_mask == 0)
+    loss_mask: torch.Tensor       # [b, L] 1 where the position predicts a response token
+    index: torch.Tensor           # [b] rows of the full batch these sequences are
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class PolicyWithReference(torch.nn.Module):
+    """One pipeline stage of the policy and of the frozen reference, run side by side."""
+
+    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.reference = reference
+        self.config = _unwrap(policy).config
+        self._input = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        t = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+        self._input = t
+        if t is None:
+            _unwrap(self.policy).set_input_tensor(None)
+            self.reference.set_input_tensor(None)
+        else:
+            pol, ref = t.chunk(2, dim=1)  # [s, 2b, h]
+            _unwrap(self.policy).set_input_tensor(pol)
+            self.reference.set_input_tensor(ref)
+
+    def forward(self, input_ids, position_ids, attention_mask=None):
+        out_pol = self.policy(input_ids, position_ids, attention_mask)
+        with torch.no_grad():
+            out_ref = self.reference(input_ids, position_ids, attention_mask)
+        if _unwrap(self.policy).post_process:
+            return torch.cat([out_pol, out_ref.detach()], dim=0)  # logits [2b, s, V/tp]
+        return torch.cat([out_pol, out_ref.detach()], dim=1)      # hidden [s, 2b, h]
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "post_process"):
+        model = model.module
+    return model
+
+
+def run_micro_batches(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    loss_fn: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict]],
+    *,
+    forward_only: bool,
+    paired: bool = False,
+) -> list[dict]:
+    """Forward (and backward unless forward_only) every micro-batch; return loss_fn's stats.
+
+    `loss_fn(logits, mb)` gets this rank's vocab shard of the logits ([b, L, V/tp], or the pair
+    `(policy_logits, reference_logits)` when `paired`) and returns (loss, stats). Its loss must be the
+    micro-batch's share of the total objective: this function undoes megatron's 1/num_microbatches.
+    Stats come back (in micro-batch order) on the last pipeline stage, [] elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    n_mb = len(micro_batches)
+    shapes = {tuple(mb.tokens.shape) for mb in micro_batches}
+    if ps.get_pipeline_model_parallel_world_size() > 1 and len(shapes) > 1:
+        raise ValueError(f"pipeline parallelism needs equal micro-batch shapes, got {sorted(shapes)}; "
+                         "pad them with make_micro_batches(..., uniform=True)")
+    b, L = micro_batches[0].tokens.shape
+    dev = platform.device()
+    stats: list[dict] = []
+
+    def forward_step(data_iterator, m):
+        mb = next(data_iterator)
+        tokens = mb.tokens.to(dev)
+        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        output = m(tokens, positions, None)
+
+        def loss_func(logits):
+            if paired:
+                logits = logits.chunk(2, dim=0)
+            loss, st = loss_fn(logits, mb)
+            stats.append(st)
+            return loss * n_mb, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=n_mb, seq_length=L, micro_batch_size=b * (2 if paired else 1),
+        forward_only=forward_only)
+    return stats
+
+
+def make_micro_batches(tokens: list[list[int]], prompt_lens: list[int], *, pad_id: int,
+                       max_tokens: int, uniform: bool, pad_multiple: int = 8) -> list[MicroBatch]:
+    """Pack sequences (prompt + response ids) into right-padded micro-batches under a token budget.
+
+    Every sequence keeps its row number (`index`) so per-token results can be scattered back.
+    `uniform=True` (pipeline parallel) gives every micro-batch the same [b, L].
+    """
+    if not tokens:
+        return []
+    lengths = [len(t) for t in tokens]
+    longest = max(lengths)
+    L_all = -(-longest // pad_multiple) * pad_multiple
+    per_mb = max(1, max_tokens // L_all)
+    order = list(range(len(tokens))) if uniform else sorted(range(len(tokens)), key=lambda i: lengths[i])
+    out = []
+    for start in range(0, len(order), per_mb):
+        rows = order[start:start + per_mb]
+        L = L_all if uniform else -(-max(lengths[i] for i in rows) // pad_multiple) * pad_multiple
+        b = per_mb if uniform else len(rows)
+        tok = torch.full((b, L), pad_id, dtype=torch.long)
+        lab = torch.full((b, L), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, L), dtype=torch.float32)
+        index = torch.full((b,), -1, dtype=torch.long)
+        for j, i in enumerate(rows):
+            seq = torch.tensor(tokens[i], dtype=torch.long)
+            n = len(seq)
+            tok[j, :n] = seq
+            lab[j, :n - 1] = seq[1:]
+            mask[j, prompt_lens[i] - 1:n - 1] = 1.0  # positions predicting response tokens
+            index[j] = i
+        out.append(MicroBatch(tok, lab, mask, index))
+    return out
+
+
+def scatter_rows(stats: list[dict], micro_batches: list[MicroBatch], key: str, num_rows: int,
+                 length: int) -> torch.Tensor:
+    """Reassemble a per-position stat [b, L] from every micro-batch into [num_rows, length]."""
+    out = torch.zeros(num_rows, length, dtype=torch.float32)
+    for st, mb in zip(stats, micro_batches):
+        valid = mb.index >= 0
+        vals = st[key].detach().float().cpu()[valid]
+        L = min(length, vals.shape[1])
+        out[mb.index[valid], :L] = vals[:, :L]
+    return out
+
+
+def all_reduce_dp(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce a tensor over the data-parallel group (no-op without DP)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return t
+    red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    t = t.clone()
+    dist.all_reduce(t, op=red, group=ps.get_data_parallel_group())
+    return t
+
+
+def broadcast_from_last_stage(obj: Any) -> Any:
+    """Send a picklable object from the last pipeline stage to every stage of this pipeline."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]

@@ -1,0 +1,205 @@
+"""One AGRO job from a config: parallel set-up, optional SFT warm-up, RL, evaluation, plots.
+
+`run_job` is what `agro-train` and `python -m agro_megatron.train` call. Its stages are restartable:
+the SFT result and the pre-training evaluation are stored in the run directory, and RL resumes
+from the newest complete checkpoint (`checkpoint.resume: auto`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from agro_megatron import parallel
+from agro_megatron.config import JobConfig
+from agro_megatron.train import state as ckpt
+from agro_megatron.train.context import RunContext, load_run_data, save_json
+from agro_megatron.train.loop import StopRequested, Trainer
+from agro_megatron.train.model_setup import arch_for_job, build_policy, build_reference, copy_weights
+
+
+def default_reward_fn(cfg: JobConfig) -> Callable:
+    from agro_megatron.rewards import score_batch
+
+    def reward(responses, truths):
+        return score_batch(responses, truths)
+
+    return reward
+
+
+def make_context(cfg: JobConfig, reward_fn: Callable | None) -> RunContext:
+    from megatron.core import parallel_state as ps
+
+    log_dir = cfg.logging.dir
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(log_dir, "checkpoints")
+    if dist.get_rank() == 0:
+        os.makedirs(log_dir, exist_ok=True)
+        save_json(os.path.join(log_dir, "config.json"), cfg.to_dict())
+    dist.barrier()
+    tok_dir = cfg.model.tokenizer
+    if tok_dir is None and cfg.model.megatron_checkpoint:
+        tok_dir = os.path.join(cfg.model.megatron_checkpoint, "tokenizer")
+    if tok_dir is None and cfg.model.hf_checkpoint:
+        tok_dir = cfg.model.hf_checkpoint
+    tokenizer, tok_dir, train, heldout = load_run_data(cfg, log_dir, tok_dir)
+    from agro_megatron.data import stop_token_ids
+
+    last = ps.is_pipeline_last_stage()
+    ctx = RunContext(
+        cfg=cfg, log_dir=log_dir, ckpt_dir=ckpt_dir, tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(), dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), is_last_stage=last,
+        is_logging_rank=last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
+        tokenizer=tokenizer, pad_id=tokenizer.pad_token_id or 0, stop_ids=tuple(stop_token_ids(tokenizer)),
+        train_problems=train, heldout_problems=heldout,
+        reward_fn=reward_fn or default_reward_fn(cfg))
+    ctx.tokenizer_dir = tok_dir
+    ctx.arch = arch_for_job(cfg, vocab_size=len(tokenizer))
+    return ctx
+
+
+def _make_engine(ctx: RunContext, model):
+    from agro_megatron.rollout import make_engine
+
+    r = ctx.cfg.rollout
+    if r.engine == "native":
+        return make_engine("native", model, vocab_size=ctx.arch.vocab_size, pad_token_id=ctx.pad_id)
+    return make_engine("vllm", model, arch=ctx.arch, tokenizer_dir=ctx.tokenizer_dir, tp=r.vllm_tp,
+                       gpu_memory_utilization=r.vllm_gpu_memory_utilization, sleep_level=r.vllm_sleep_level)
+
+
+def _starting_weights(ctx: RunContext, module) -> None:
+    """Load the starting policy (= reference) into `module` from the configured checkpoint."""
+    m = ctx.cfg.model
+    if m.megatron_checkpoint:
+        from agro_megatron.checkpoint import load_megatron_checkpoint
+
+        load_megatron_checkpoint(module, m.megatron_checkpoint)
+    elif m.hf_checkpoint:
+        from agro_megatron.checkpoint import load_hf_into_model
+
+        load_hf_into_model(module, m.hf_checkpoint)
+
+
+def run_sft_stage(ctx: RunContext) -> str | None:
+    """SFT warm-up (once): returns the saved model's path, or None when sft.steps == 0."""
+    cfg = ctx.cfg
+    if cfg.sft.steps <= 0:
+        return None
+    path = os.path.join(ctx.log_dir, "sft_model")
+    if os.path.exists(os.path.join(path, "COMPLETE")):
+        ctx.print(f"SFT model found at {path}; skipping SFT")
+        return path
+    from agro_megatron.train.sft import run_sft
+
+    bundle = build_policy(cfg, ctx.arch, lr=cfg.sft.lr, total_steps=cfg.sft.steps, with_reference=False)
+    _starting_weights(ctx, bundle.module)
+    losses = run_sft(ctx, bundle)
+    ckpt.save_model(bundle.module, path)
+    ctx.print(f"SFT done: loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved {path}")
+    return path
+
+
+def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
+    """Run the whole job on this process (a rank of a torchrun/srun launch, or alone)."""
+    parallel.init_distributed()
+    cfg.validate(world_size=dist.get_world_size())
+    p = cfg.parallel
+    parallel.init_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
+    ctx = make_context(cfg, reward_fn)
+    sft_path = run_sft_stage(ctx)
+
+    bundle = build_policy(cfg, ctx.arch, lr=cfg.optim.lr, total_steps=cfg.train.steps, with_reference=False)
+    if sft_path:
+        ckpt.load_model(bundle.module, sft_path)
+    else:
+        _starting_weights(ctx, bundle.module)
+    bundle.reference = build_reference(cfg, ctx.arch, bundle.module)
+    ctx.bundle = bundle
+    ctx.engine = _make_engine(ctx, bundle.policy)
+    if cfg.algorithm.regime == "stale" and cfg.algorithm.staleness > 0:
+        from agro_megatron.models.llama import build_model
+
+        ctx.behaviour_model = build_model(ctx.arch, dtype=cfg.model.dtype)
+        copy_weights(ctx.behaviour_model, bundle.module)
+        ctx.behaviour_engine = _make_engine(ctx, ctx.behaviour_model)
+    if cfg.algorithm.regime == "offline":
+        ctx.offline_path = cfg.algorithm.offline_data
+        ensure_offline_data(ctx)
+
+    before_path = os.path.join(ctx.log_dir, "eval_before.json")
+    if os.path.exists(before_path):
+        with open(before_path) as f:
+            before = json.load(f)
+    else:
+        before = ctx.evaluate(prefix="eval")
+        if dist.get_rank() == 0:
+            pass
+        if ctx.is_logging_rank:
+            save_json(before_path, before)
+        dist.barrier()
+        before = _share(before)
+    trainer = Trainer(ctx)
+    resumed = trainer.maybe_resume()
+    if not resumed and before:
+        trainer.metrics.log(0, before)
+    try:
+        trainer.run()
+    except StopRequested as e:
+        ctx.print(str(e))
+        trainer.metrics.close()
+        return {"stopped": True, "step": trainer.step}
+    trainer.save()
+    after = ctx.evaluate(prefix="eval")
+    trainer.metrics.log(trainer.step, after)
+    trainer.metrics.close()
+    result = {"steps": trainer.step, "before": before.get("eval/accuracy"), "after": after.get("eval/accuracy"),
+              "log_dir": ctx.log_dir}
+    if ctx.is_logging_rank:
+        if cfg.logging.plots:
+            result["plot"] = trainer.metrics.plot(os.path.join(ctx.log_dir, "training.png"))
+        save_json(os.path.join(ctx.log_dir, "result.json"), result)
+        if result["before"] is not None:
+            print(f"heldout_accuracy before={result['before']:.4f} after={result['after']:.4f}", flush=True)
+    return result
+
+
+def _share(obj):
+    """Broadcast a small object from the logging rank (the last rank) to all ranks."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+    return box[0]
+
+
+def ensure_offline_data(ctx: RunContext) -> None:
+    """Offline regime: generate n responses per training prompt from pi_ref once, store them."""
+    from agro_megatron.train.rollouts import OfflineDataset, generate_samples
+
+    path = ctx.offline_path
+    if os.path.exists(path):
+        return
+    cfg = ctx.cfg
+    records = []
+    probs = ctx.train_problems
+    bs = 32
+    progress = ctx.progress(len(probs), desc="offline data from pi_ref")
+    for start in range(0, len(probs), bs):
+        chunk = probs[start:start + bs]
+        prompts = [ctx.encode_prompt(p) for p in chunk]
+        params = ctx.sampling_params(seed=cfg.train.seed * 1000 + start)
+        samples = generate_samples(ctx.engine, prompts, [p.answer for p in chunk], cfg.rollout.n, params,
+                                   ctx.reward_fn, ctx.tokenizer, version=0)
+        import dataclasses
+
+        for p, pr, row in zip(chunk, prompts, samples):
+            records.append({"prompt_id": p.id, "prompt": pr, "answer": p.answer,
+                            "samples": [dataclasses.asdict(s) for s in row]})
+        progress.update(len(chunk))
+    progress.close()
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        OfflineDataset.write(path, records)
+    dist.barrier()

@@ -1,0 +1,161 @@
+"""Resumable trainer checkpoints: atomic, sharded, with every rank's RNG and the data position.
+
+Layout of `<dir>/step_000123/`:
+    model/, optimizer/     megatron dist_checkpointing (torch_dist) trees: loadable at any DP size
+    rank_00003.pt          per-rank state: RNG states, replay buffer, counters, scheduler, metrics
+    COMPLETE               written last; a directory without it is not a checkpoint
+Saves go to `step_000123.tmp-<pid>` and are renamed by rank 0 after every rank finished, so a
+kill at any moment leaves the previous checkpoint intact (the stale .tmp is removed next save).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core import tensor_parallel
+
+        st["megatron_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:
+        pass
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "megatron_tracker" in st:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(st["megatron_tracker"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints under root, oldest first."""
+    if not root or not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.exists(os.path.join(root, name, "COMPLETE")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(s: str) -> str:
+    if not dist.is_initialized():
+        return s
+    box = [s]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def model_sharded_state(model: torch.nn.Module) -> dict:
+    return model.sharded_state_dict()
+
+
+def save_model(model: torch.nn.Module, path: str) -> None:
+    """Model weights only (e.g. the SFT result that becomes the reference), atomically."""
+    from megatron.core import dist_checkpointing
+
+    tmp = _broadcast_str(f"{path}.tmp-{os.getpid()}")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(model_sharded_state(model), tmp)
+    _barrier()
+    if _rank() == 0:
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _barrier()
+
+
+def load_model(model: torch.nn.Module, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    if not os.path.exists(os.path.join(path, "COMPLETE")):
+        raise FileNotFoundError(f"{path} is not a complete model checkpoint (no COMPLETE marker)")
+    state = dist_checkpointing.load(model_sharded_state(model), path)
+    model.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, rank_state: dict,
+                    keep_last: int) -> str:
+    """Save model + optimizer (sharded) + this rank's state for `step`; return the final path."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = _broadcast_str(f"{final}.tmp-{os.getpid()}")
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of an interrupted save
+            if ".tmp-" in name:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "model"))
+        os.makedirs(os.path.join(tmp, "optimizer"))
+    _barrier()
+    model_sd = model_sharded_state(model)
+    dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, sharding_type="dp_reshardable")
+    dist_checkpointing.save(opt_sd, os.path.join(tmp, "optimizer"))
+    torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
+    _barrier()
+    if _rank() == 0:
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-max(keep_last, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer) -> dict:
+    """Restore model and optimizer from `path`; return this rank's saved state."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = model_sharded_state(model)
+    state = dist_checkpointing.load(model_sd, os.path.join(path, "model"))
+    model.load_state_dict(state, strict=True)
+    model_sd = model_sharded_state(model)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, sharding_type="dp_reshardable")
+    optimizer.load_state_dict(dist_checkpointing.load(opt_sd, os.path.join(path, "optimizer")))
+    rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+    if not os.path.exists(rank_file):
+        raise RuntimeError(f"{path} was written by a job with fewer ranks (no {os.path.basename(rank_file)}); "
+                           "resume with the same world size")
+    return torch.load(rank_file, weights_only=False)
