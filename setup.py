@@ -10,6 +10,7 @@ CORE = [
     "tensorboard>=2.16",
     "safetensors>=0.4",
     "numpy>=1.26",
+    "psutil>=5.9",  # megatron dist_checkpointing writers need it
     "pyyaml>=6",
     "tqdm>=4.66",
     "matplotlib>=3.8",

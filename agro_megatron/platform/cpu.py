@@ -11,7 +11,9 @@ megatron-core 0.16 assumes CUDA in five ways; each gets one shim, applied only w
    optimizer, grad scaler, clip_grads, checkpoint exchange). Each loaded `megatron.core.*` module gets a
    thin proxy of `torch` as its module-global `torch`, whose tensor factories map the device to CPU.
    The proxy is scoped to megatron's modules; the rest of the process sees the real `torch`.
-3. `Tensor.cuda()` / `Tensor.pin_memory()` return the tensor itself on CPU.
+3. `Tensor.cuda()` / `Tensor.pin_memory()` return the tensor itself on CPU, and `param.type()`
+   called from megatron's optimizer modules reports the 'torch.cuda.*Tensor' names their dtype
+   checks expect (bf16 and distributed optimizers refuse CPU tensors otherwise).
 4. megatron's private `_get/_set_cuda_rng_state` act on the CPU generator.
 5. `clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'`; we install an
    equivalent that scales the grads in place without the device assertion.
@@ -249,9 +251,29 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.detach().mul_(clip_coeff)
 
 
+_ORIGINAL_TYPE = torch.Tensor.type
+
+
+def _type_as_seen_by_megatron_optimizer(self, dtype=None, non_blocking=False, **kwargs):
+    """`param.type()` for megatron's optimizers, which accept only 'torch.cuda.*Tensor' names.
+
+    Only a no-argument call from a megatron.core.optimizer module sees the CUDA name; every other
+    caller gets torch's own answer.
+    """
+    if dtype is None and not kwargs and not self.is_cuda:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.core.optimizer"):
+            name = _ORIGINAL_TYPE(self)
+            return "torch.cuda." + name[len("torch."):]
+    if dtype is None and not kwargs:
+        return _ORIGINAL_TYPE(self)
+    return _ORIGINAL_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def _patch_tensor_methods() -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.Tensor.pin_memory = lambda self, *a, **k: self
+    torch.Tensor.type = _type_as_seen_by_megatron_optimizer
 
 
 def _patch_megatron_rng() -> None:

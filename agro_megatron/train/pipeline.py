@@ -38,6 +38,11 @@ class PolicyWithReference(torch.nn.Module):
         self.config = _unwrap(policy).config
         self._input = None
 
+    @property
+    def module(self):
+        """megatron's get_attr_wrapped_model walks `.module` to find model_type, config, etc."""
+        return self.policy
+
     def set_input_tensor(self, input_tensor) -> None:
         t = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
         self._input = t

@@ -1,7 +1,8 @@
 """Resumable trainer checkpoints: atomic, sharded, with every rank's RNG and the data position.
 
 Layout of `<dir>/step_000123/`:
-    model/, optimizer/     megatron dist_checkpointing (torch_dist) trees: loadable at any DP size
+    state/                 megatron dist_checkpointing (torch_dist) of {"model", "optimizer"}: one tree,
+                           as megatron expects (the optimizer's sharding refers to the model's)
     rank_00003.pt          per-rank state: RNG states, replay buffer, counters, scheduler, metrics
     COMPLETE               written last; a directory without it is not a checkpoint
 Saves go to `step_000123.tmp-<pid>` and are renamed by rank 0 after every rank finished, so a
@@ -80,6 +81,17 @@ def _broadcast_str(s: str) -> str:
     return box[0]
 
 
+def _optimizer_sharded_state(optimizer, model_sd: dict, is_loading: bool) -> dict:
+    """The DistributedOptimizer needs the DP-reshardable layout on CPU/gloo; others take no option."""
+    import inspect
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])[0]
+    kwargs = {}
+    if "sharding_type" in inspect.signature(inner.sharded_state_dict).parameters:
+        kwargs["sharding_type"] = "dp_reshardable"
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+
+
 def model_sharded_state(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict()
 
@@ -124,13 +136,11 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, 
         for name in os.listdir(root):  # leftovers of an interrupted save
             if ".tmp-" in name:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "model"))
-        os.makedirs(os.path.join(tmp, "optimizer"))
+        os.makedirs(os.path.join(tmp, "state"))
     _barrier()
     model_sd = model_sharded_state(model)
-    dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, sharding_type="dp_reshardable")
-    dist_checkpointing.save(opt_sd, os.path.join(tmp, "optimizer"))
+    opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=False)
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt_sd}, os.path.join(tmp, "state"))
     torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
@@ -149,11 +159,10 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer) -> dict:
     from megatron.core import dist_checkpointing
 
     model_sd = model_sharded_state(model)
-    state = dist_checkpointing.load(model_sd, os.path.join(path, "model"))
-    model.load_state_dict(state, strict=True)
-    model_sd = model_sharded_state(model)
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, sharding_type="dp_reshardable")
-    optimizer.load_state_dict(dist_checkpointing.load(opt_sd, os.path.join(path, "optimizer")))
+    opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=True)
+    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, os.path.join(path, "state"))
+    model.load_state_dict(loaded["model"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
     rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
     if not os.path.exists(rank_file):
         raise RuntimeError(f"{path} was written by a job with fewer ranks (no {os.path.basename(rank_file)}); "
