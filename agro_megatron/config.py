@@ -42,8 +42,8 @@ class ParallelConfig:
 class DataConfig:
     train: str = "synthetic"                 # "synthetic" or a path / hub spec for load_problems
     heldout: str | None = "synthetic"
-    synthetic_levels: list = field(default_factory=lambda: [1])
-    synthetic_train_size: int = 2000
+    synthetic_levels: list = field(default_factory=lambda: [1, 2])
+    synthetic_train_size: int = 800
     synthetic_heldout_size: int = 64
     max_prompt_tokens: int = 256
     system_prompt: str | None = "default"    # "default": data.prompt.SYSTEM_PROMPT; null: none
@@ -272,6 +272,11 @@ def _coerce(value, hint, key):
         hint = args[0]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if hint in (int, str, bool) and not isinstance(value, hint):

@@ -109,7 +109,7 @@ class Trainer:
         behind = 0
         if regime == "stale" and c.algorithm.staleness > 0 and len(self.stale_snapshots) > 1:
             behind = len(self.stale_snapshots) - 1  # snapshots[-1] is the current policy
-            ctx.behaviour_model.load_state_dict(self.stale_snapshots[0])
+            ctx.behaviour_model.load_state_dict(self.stale_snapshots[0], strict=False)
             engine = ctx.behaviour_engine
         samples = generate_samples(engine, prompts, answers, c.rollout.n, params, ctx.reward_fn,
                                    ctx.tokenizer, version=step - behind)
@@ -210,12 +210,14 @@ class Trainer:
             labels = mb.labels.to(pol.device)
             st = vocab_parallel_logprobs(pol, labels, ref_logits=ref, temperature=T,
                                          compute_entropy=False, vocab_size=V)
-            mask = mb.loss_mask.to(pol.device)
+            rows = (mb.index >= 0).to(pol.device)  # drop the padding rows of uniform micro-batches
+            mask = mb.loss_mask.to(pol.device)[rows]
             # Each sequence is its own "group of 1" here: advantages were computed on whole prompt
             # groups beforehand; num_prompts = all local sequences gives the global 1/(n*P) scaling.
             loss = losses.surrogate_loss(
-                st.logprobs.unsqueeze(1), mb.extra["adv"].to(pol.device).unsqueeze(1), mask.unsqueeze(1),
-                num_prompts=num_seqs, kl_pg_token_kl=st.kl.unsqueeze(1) if paired else None,
+                st.logprobs[rows].unsqueeze(1), mb.extra["adv"].to(pol.device)[rows].unsqueeze(1),
+                mask.unsqueeze(1), num_prompts=num_seqs,
+                kl_pg_token_kl=st.kl[rows].unsqueeze(1) if paired else None,
                 beta=a.beta if paired else None, logratio_reduction=a.logratio_reduction)
             return loss, {"loss": loss.detach()}
 
@@ -244,7 +246,8 @@ class Trainer:
         while self.step < total:
             t0 = time.perf_counter()
             if c.algorithm.regime == "stale" and c.algorithm.staleness > 0:
-                self.stale_snapshots.append({k: v.detach().clone() for k, v in ctx.bundle.module.state_dict().items()})
+                self.stale_snapshots.append({k: v.detach().clone() for k, v in ctx.bundle.module.state_dict().items()
+                                             if torch.is_tensor(v)})
                 self.stale_snapshots = self.stale_snapshots[-c.algorithm.staleness - 1:]
             batch = self.collect(self.step)
             t_rollout = time.perf_counter()
@@ -277,7 +280,7 @@ class Trainer:
             t_sync = time.perf_counter()
             if out["skipped"]:
                 self.bad_steps += 1
-                ctx.print(f"step {self.step}: non-finite loss or reward, step skipped "
+                ctx.print(f"step {self.step + 1}: non-finite loss or reward, step skipped "
                           f"({self.bad_steps} in a row)")
                 if self.bad_steps >= c.train.max_bad_steps:
                     raise RuntimeError(

@@ -38,6 +38,13 @@ class PolicyWithReference(torch.nn.Module):
         self.config = _unwrap(policy).config
         self._input = None
 
+    def __getattr__(self, name):
+        """DDP's grad-sync hooks (finish_grad_sync, no_sync, ...) belong to the policy alone."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("policy"), name)
+
     @property
     def module(self):
         """megatron's get_attr_wrapped_model walks `.module` to find model_type, config, etc."""
@@ -132,7 +139,7 @@ def make_micro_batches(tokens: list[list[int]], prompt_lens: list[int], *, pad_i
     lengths = [len(t) for t in tokens]
     longest = max(lengths)
     L_all = -(-longest // pad_multiple) * pad_multiple
-    per_mb = max(1, max_tokens // L_all)
+    per_mb = max(1, min(len(tokens), max_tokens // L_all))
     order = list(range(len(tokens))) if uniform else sorted(range(len(tokens)), key=lambda i: lengths[i])
     out = []
     for start in range(0, len(order), per_mb):

@@ -151,7 +151,7 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
     except StopRequested as e:
         ctx.print(str(e))
         trainer.metrics.close()
-        return {"stopped": True, "step": trainer.step}
+        return {"stopped": True, "steps": trainer.step, "trainer": trainer}
     trainer.save()
     after = ctx.evaluate(prefix="eval")
     trainer.metrics.log(trainer.step, after)
@@ -164,6 +164,7 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
         save_json(os.path.join(ctx.log_dir, "result.json"), result)
         if result["before"] is not None:
             print(f"heldout_accuracy before={result['before']:.4f} after={result['after']:.4f}", flush=True)
+    result["trainer"] = trainer  # in-process callers (tests, notebooks) can inspect the final state
     return result
 
 

@@ -1,0 +1,94 @@
+"""Worker functions for the trainer tests (run inside gloo ranks by run_distributed)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+
+from agro_megatron.config import JobConfig
+
+
+def tiny_config(log_dir: str, **overrides) -> JobConfig:
+    """A seconds-long job: 2-layer model, 4 prompts x 2 responses, 8 new tokens, no SFT."""
+    base = [
+        f"logging.dir={log_dir}", "logging.progress=false", "logging.plots=false",
+        "model.tiny={hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16}",
+        "data.synthetic_levels=[1, 2]", "data.synthetic_train_size=64", "data.synthetic_heldout_size=8",
+        "data.system_prompt=null", "rollout.n=2", "rollout.max_new_tokens=8", "train.steps=4",
+        "train.prompts_per_step=4", "sft.steps=0", "eval.max_problems=4", "optim.lr=1e-3",
+        "checkpoint.save_every=1", "checkpoint.keep_last=3",
+    ]
+    return JobConfig.load(None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def length_reward(responses, truths):
+    """A deterministic, non-constant stand-in for the MATH reward (the model is untrained)."""
+    return [float(len(r) % 3 == 0) for r in responses]
+
+
+_calls = {"n": 0}
+
+
+def sigterm_on_third_call(responses, truths):
+    """Reward that delivers SIGTERM to this process during the 3rd step, as Slurm/torchrun would."""
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return length_reward(responses, truths)
+
+
+def nan_reward_on_second_call(responses, truths):
+    _calls["n"] += 1
+    out = length_reward(responses, truths)
+    if _calls["n"] == 2:
+        out[0] = float("nan")
+    return out
+
+
+def always_nan_reward(responses, truths):
+    return [float("nan")] * len(responses)
+
+
+def _weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in trainer.ctx.bundle.module.state_dict().items()
+            if torch.is_tensor(v)}
+
+
+def _losses(trainer) -> list:
+    return [(r["step"], r["train/loss"]) for r in trainer.metrics.history if "train/loss" in r]
+
+
+def run(log_dir: str, reward: str, overrides: dict) -> dict:
+    """run_job with a named reward function; returns losses, final weights and status."""
+    from agro_megatron.train.run import run_job
+
+    _calls["n"] = 0
+    cfg = tiny_config(log_dir, **overrides)
+    try:
+        result = run_job(cfg, reward_fn=globals()[reward])
+    except RuntimeError as e:
+        return {"error": str(e)}
+    trainer = result.pop("trainer")
+    return {"stopped": result.get("stopped", False), "steps": result["steps"], "losses": _losses(trainer),
+            "weights": _weights(trainer), "history": trainer.metrics.history,
+            "stale_flags": getattr(trainer, "last_on_policy", None)}
+
+
+def run_killed_during_save(log_dir: str, kill_at_step: int) -> None:
+    """Run with save_every=1; die abruptly (os._exit, like SIGKILL) inside the save of `kill_at_step`."""
+    from megatron.core import dist_checkpointing
+
+    from agro_megatron.train.run import run_job
+
+    real_save = dist_checkpointing.save
+
+    def dying_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        if f"step_{kill_at_step:06d}" in str(checkpoint_dir):
+            real_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)  # files written ...
+            os._exit(9)                                                     # ... but never completed
+        return real_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    dist_checkpointing.save = dying_save
+    run_job(tiny_config(log_dir), reward_fn=length_reward)
