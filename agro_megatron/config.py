@@ -198,11 +198,8 @@ class JobConfig:
             raise ConfigError(f"algorithm.token_estimator={a.token_estimator} is only valid on "
                               "on-policy samples; use vanilla with regime " + a.regime)
         if a.regime == "offline" and not a.offline_data:
-            raise ConfigError("algorithm.regime=offline needs algorithm.offline_data: a file written "
-                              "by `agro-train ... algorithm.regime=offline` generation (see README)")
-        if a.regime == "offline" and a.offline_data and not os.path.exists(a.offline_data):
-            raise ConfigError(f"algorithm.offline_data={a.offline_data!r} does not exist; generate it "
-                              "with tools/generate_offline.py")
+            raise ConfigError("algorithm.regime=offline needs algorithm.offline_data: a JSONL path; when "
+                              "the file does not exist yet it is generated once from pi_ref and reused")
         if not 0.0 <= a.replay_p <= 1.0:
             raise ConfigError(f"algorithm.replay_p={a.replay_p} must be a probability in [0, 1]")
         if r.temperature < 0:

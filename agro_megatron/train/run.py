@@ -103,8 +103,8 @@ def run_sft_stage(ctx: RunContext) -> str | None:
     return path
 
 
-def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
-    """Run the whole job on this process (a rank of a torchrun/srun launch, or alone)."""
+def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> RunContext:
+    """Process groups, data, SFT warm-up (once), policy + reference + optimizer, rollout engine."""
     parallel.init_distributed()
     cfg.validate(world_size=dist.get_world_size())
     p = cfg.parallel
@@ -129,15 +129,18 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
     if cfg.algorithm.regime == "offline":
         ctx.offline_path = cfg.algorithm.offline_data
         ensure_offline_data(ctx)
+    return ctx
 
+
+def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
+    """Run the whole job on this process (a rank of a torchrun/srun launch, or alone)."""
+    ctx = setup_job(cfg, reward_fn=reward_fn)
     before_path = os.path.join(ctx.log_dir, "eval_before.json")
     if os.path.exists(before_path):
         with open(before_path) as f:
             before = json.load(f)
     else:
         before = ctx.evaluate(prefix="eval")
-        if dist.get_rank() == 0:
-            pass
         if ctx.is_logging_rank:
             save_json(before_path, before)
         dist.barrier()

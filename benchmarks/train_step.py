@@ -1,0 +1,58 @@
+"""Time per optimizer step of agro_on vs rloo on the same rollouts (tiny model, CPU).
+
+Both estimators share everything but the advantage formula, so the ratio measures the overhead
+of AGRO's likelihood-ratio term (and of computing its norms for the logs). One rollout batch is
+generated once; then advantages + one optimizer step are timed for each estimator, interleaved,
+median of several repetitions. Last line: `agro_over_rloo=<ratio>` (target <= 1.05).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from agro_megatron.testing.distributed import run_distributed
+
+
+def _bench(log_dir: str, reps: int) -> dict:
+    from agro_megatron.testing.train_checks import length_reward, tiny_config
+    from agro_megatron.train.loop import Trainer
+    from agro_megatron.train.run import setup_job
+
+    cfg = tiny_config(log_dir, **{
+        "model.tiny": "{hidden_size: 128, intermediate_size: 384, num_layers: 4, num_heads: 4, "
+                      "num_kv_heads: 2, head_dim: 32}",
+        "train.prompts_per_step": 16, "rollout.n": 4, "rollout.max_new_tokens": 32})
+    ctx = setup_job(cfg, reward_fn=length_reward)
+    trainer = Trainer(ctx)
+    batch = trainer.collect(0)
+    tok = trainer.score_sequences(batch)
+    times = {"agro_on": [], "rloo": []}
+    for rep in range(reps + 1):
+        for est in ("agro_on", "rloo"):
+            cfg.algorithm.estimator = est
+            t0 = time.perf_counter()
+            adv, _, _ = trainer.advantages(batch, tok)
+            trainer.train_on(batch, adv)
+            if rep:  # the first round warms up allocators and caches
+                times[est].append(time.perf_counter() - t0)
+    ntok = sum(len(s.token_ids) for row in batch.samples for s in row)
+    return {"times": times, "tokens": ntok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        res = run_distributed(_bench, 1, args=(d, args.reps))[0]
+    med = {k: statistics.median(v) for k, v in res["times"].items()}
+    print(f"rollout batch: 16 prompts x 4 responses, {res['tokens']} response tokens")
+    for k, v in med.items():
+        print(f"{k:8s} median step {v * 1000:.1f} ms  (runs: {', '.join(f'{x * 1000:.0f}' for x in res['times'][k])})")
+    print(f"agro_over_rloo={med['agro_on'] / med['rloo']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
