@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import socket
 from datetime import timedelta
 
 import numpy as np
@@ -17,20 +19,66 @@ import torch.distributed as dist
 from agro_megatron import platform
 
 
-def _env_from_slurm() -> None:
-    """Map srun's per-task variables to torch.distributed's when launched without torchrun."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: `scontrol show hostnames`, else parsed here.
+
+    The fallback handles the compressed forms Slurm writes (``gpu-[003-010,012],cpu1``,
+    ``rack[1-2]-n[01-04]``) for the first host only, keeping zero padding.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    first, depth = "", 0
+    for ch in nodelist:  # cut at the first comma outside brackets
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        first += ch
+    return re.sub(r"\[([^-,\]]+)[^\]]*\]", r"\1", first)
+
+
+def _slurm_port(job_id: str, step_id: str) -> int:
+    """A rendezvous port every task of a step derives alike: 20000-29999, below Linux's ephemeral
+    range; distinct for jobs whose ids differ mod 1000 and for consecutive steps of one job."""
+    step = int(step_id) if step_id.isdigit() else 0
+    return 20000 + (int(job_id) % 1000) * 10 + step % 10
+
+
+def _env_from_slurm() -> bool:
+    """Map srun's per-task variables to torch.distributed's when launched by srun without torchrun.
+
+    Only inside a job step (SLURM_STEP_ID set): an sbatch script's own shell also has
+    SLURM_PROCID=0 and the job's SLURM_NTASKS, and a plain `python` there is a world of one.
+    MASTER_ADDR / MASTER_PORT, unless already set, are the step's first host (where task 0 runs
+    with block or cyclic distribution) and a port derived from the job and step ids, so every
+    task computes the same rendezvous without talking to the others. Returns True if it mapped.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(_slurm_port(env.get("SLURM_JOB_ID", "0"), env["SLURM_STEP_ID"]))
+    return True
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
     """Initialise the default process group (a 1-process group when not launched distributed)."""
     if dist.is_initialized():
         return
-    _env_from_slurm()
+    from_slurm = _env_from_slurm()
     if "RANK" not in os.environ:  # plain `python ...`: a world of one
         from agro_megatron.testing.distributed import free_port
 
@@ -38,8 +86,14 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = backend or platform.distributed_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # modulo: a launcher that binds one GPU per task (srun --gpus-per-task) shows each task one device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    if from_slurm:  # one line per rank in the job log: what each task joined
+        e = os.environ
+        print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] {backend} process group up: slurm task "
+              f"{e['SLURM_PROCID']} (local {e['LOCAL_RANK']}) on {socket.gethostname()}, "
+              f"master {e['MASTER_ADDR']}:{e['MASTER_PORT']}", flush=True)
 
 
 def seed_everything(seed: int) -> None:

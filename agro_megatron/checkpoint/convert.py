@@ -9,7 +9,8 @@ export_hf:  megatron checkpoint -> HF safetensors shards of bounded size + index
 Memory: import maps each TP chunk's rows of the shard files (zero-copy where the chunk is one
 contiguous HF row range), writes the chunk and drops it before the next (row-parallel weights,
 split along columns, are mapped once and cut for every TP rank). Export reads one logical weight at a time from the
-DCP files and streams its HF tensors into the shard being written. Peak: about one largest
+DCP files (zero-copy maps of the stored chunks) and streams its HF tensors into the shard being
+written. Peak: about one largest
 tensor plus one stored chunk, never the model.
 
 Both write into a hidden temp directory beside the output and rename it into place at the end,
@@ -321,23 +322,23 @@ def checkpoint_arch(ckpt_dir: str | os.PathLike, meta: dict | None = None) -> Ll
 
 
 # --- export -----------------------------------------------------------------------------------
-def _read_weights(arch: LlamaArch, reader: DistCheckpointReader, ws: list[mapping.Weight]) -> dict:
-    """Full megatron tensors (vocabulary unpadded) of the weights `ws` from the checkpoint."""
-    regions = {}
-    for w in ws:
-        shape = mapping.full_shape(arch, w, None)
-        stored = reader.shape(w.ckpt_key)
-        want = ((arch.num_layers,) if w.layer is not None else ()) + shape
-        bad = len(stored) != len(want) or any(s < x for s, x in zip(stored, want)) or (
-            w.layout != mapping.VOCAB and tuple(stored) != want)
-        if bad:
-            raise CheckpointContentError(f"{w.ckpt_key} has shape {stored} in the checkpoint; its config implies {want}")
-        if w.layer is not None:
-            regions[w.ckpt_key] = ((w.layer,) + (0,) * len(shape), (1,) + shape)
-        else:
-            regions[w.ckpt_key] = ((0,) * len(shape), shape)
-    out = reader.read(regions)
-    return {w: (out[w.ckpt_key][0] if w.layer is not None else out[w.ckpt_key]) for w in ws}
+def _check_stored(arch: LlamaArch, reader: DistCheckpointReader, w: mapping.Weight) -> None:
+    shape = mapping.full_shape(arch, w, None)
+    stored = reader.shape(w.ckpt_key)
+    want = ((arch.num_layers,) if w.layer is not None else ()) + shape
+    ok = len(stored) == len(want) and (tuple(stored) == want or (
+        w.layout == mapping.VOCAB and stored[0] >= want[0] and tuple(stored[1:]) == want[1:]))
+    if not ok:
+        raise CheckpointContentError(f"{w.ckpt_key} has shape {stored} in the checkpoint; its config implies {want}")
+
+
+def hf_parts(arch: LlamaArch, reader: DistCheckpointReader, w: mapping.Weight) -> dict[str, list[torch.Tensor]]:
+    """HF tensors of `w`, each as row pieces (mostly zero-copy views of the checkpoint files)."""
+    lead = (w.layer,) if w.layer is not None else ()
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in w.hf_names}
+    for b in mapping.blocks(arch, w):
+        parts[b.hf_name] += reader.rows(w.ckpt_key, lead, b.row, b.rows)
+    return parts
 
 
 def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -354,22 +355,16 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         raise CheckpointContentError(f"{megatron_dir} lacks {sorted(set(missing))}: incomplete checkpoint")
     dtype = reader.dtype(ws[0].ckpt_key)
     entries = [(n, s, dtype) for w in ws for n, s in mapping.hf_shapes(arch, w).items()]
-    groups: list[list[mapping.Weight]] = []  # one read per layer (and per global weight)
     for w in ws:
-        if groups and w.layer is not None and groups[-1][0].layer == w.layer:
-            groups[-1].append(w)
-        else:
-            groups.append([w])
+        _check_stored(arch, reader, w)
     with _atomic_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync)
         with _progress(writer.total_size, "export", progress) as bar:
-            for group in groups:
-                full = _read_weights(arch, reader, group)
-                for w in group:
-                    for name, parts in mapping.megatron_to_hf_parts(arch, w, full[w]).items():
-                        writer.write(name, parts)
-                        bar.update(sum(p.nbytes for p in parts))
-                del full
+            for w in ws:
+                for name, parts in hf_parts(arch, reader, w).items():
+                    writer.write(name, parts)
+                    bar.update(sum(p.nbytes for p in parts))
+                    del parts
         writer.close()
         _write_hf_side_files(megatron_dir, meta, tmp, dtype)
     return out_dir

@@ -23,21 +23,25 @@ plain `torch.save` serialization of each chunk that `FileSystemReader` expects.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
+import math
 import os
+import pickle
+import struct
 import warnings
+import zipfile
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, TensorWriteData,
-                                                  WriteItem, WriteItemType)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -150,10 +154,16 @@ def write_chunks(path: str | os.PathLike, chunks: Sequence[Chunk], *, sync: bool
     import json
 
     file_of = {c.write_item().index: c.file for c in chunks}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        dcp.save({}, storage_writer=_StreamingWriter(path, file_of, on_chunk, sync),
-                 planner=_LazyPlanner(chunks), no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+            dcp.save({}, storage_writer=_StreamingWriter(path, file_of, on_chunk, sync),
+                     planner=_LazyPlanner(chunks), no_dist=True)
+    except CheckpointException as e:  # DCP wraps every error; raise the original (e.g. a ConversionError)
+        original = next(iter(e.failures.values()), (None,))[0]
+        if isinstance(original, BaseException):
+            raise original from None
+        raise
     torch.save({}, os.path.join(path, "common.pt"))
     with open(os.path.join(path, "metadata.json"), "w") as f:
         json.dump(MEGATRON_CONFIG, f)
@@ -168,62 +178,92 @@ def none_object() -> io.BytesIO:
 
 
 # ---------------------------------------------------------------------------------------------
-class _RegionPlanner(LoadPlanner):
-    """Loads rectangular regions of global tensors into caller-provided tensors."""
-
-    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
-        self.regions = regions
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.metadata = metadata
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, (offsets, dest) in self.regions.items():
-            md = self.metadata.state_dict_metadata.get(key)
-            if md is None:
-                raise KeyError(key)
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-            items += create_read_items_for_chunk_list(key, md, [chunk])
-        return LoadPlan(items)
-
-    def create_global_plan(self, global_plan):
-        return global_plan
-
-    def finish_plan(self, central_plan):
-        return central_plan
-
-    def load_bytes(self, read_item, value) -> None:
-        raise RuntimeError(f"unexpected bytes entry {read_item.dest_index.fqn}")
-
-    def resolve_tensor(self, read_item):
-        t = self.regions[read_item.dest_index.fqn][1]
-        for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            t = t.narrow(dim, off, n)
-        return t
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass  # read in place into the region tensor
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
 
 
-class _CachedReader(FileSystemReader):
-    def __init__(self, path):
-        super().__init__(path)
-        self._md = None
+class _Slice(io.RawIOBase):
+    """A read-only window [start, start + length) of an open file, seekable on its own."""
 
-    def read_metadata(self, *args, **kwargs):
-        if self._md is None:
-            self._md = super().read_metadata(*args, **kwargs)
-        return self._md
+    def __init__(self, f, start: int, length: int):
+        self._f, self._start, self._len, self._pos = f, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = min(max(0, base + pos), self._len)
+        return self._pos
+
+    def readinto(self, buf):
+        n = min(len(buf), self._len - self._pos)
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n]) or 0
+        self._pos += got
+        return got
+
+
+class _TensorMeta(pickle.Unpickler):
+    """Reads the tensor description out of a torch.save'd `data.pkl` without loading any data."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: (storage, offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        if (module, name) == ("torch", "Size"):
+            return tuple
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid  # ('storage', storage type, key, location, numel)
+
+
+def _raw_tensor_location(f, start: int, length: int, dtype: torch.dtype, sizes: tuple) -> int | None:
+    """Byte offset in the file of the raw data of a torch.save'd contiguous tensor record, or None
+    if the record is anything else (the caller then falls back to torch.load)."""
+    try:
+        zf = zipfile.ZipFile(_Slice(f, start, length))
+        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+        storage, offset, size, stride = _TensorMeta(io.BytesIO(zf.read(pkl))).load()
+        _, storage_type, key, _, numel = storage
+        contiguous = tuple(torch.empty(sizes, device="meta").stride())
+        if (_STORAGE_DTYPES.get(storage_type) != dtype or offset != 0 or size != tuple(sizes)
+                or (stride != contiguous and math.prod(sizes) > 1) or numel != math.prod(sizes)):
+            return None
+        info = zf.getinfo(pkl[: -len("data.pkl")] + f"data/{key}")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * dtype.itemsize:
+            return None
+        f.seek(start + info.header_offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return start + info.header_offset + 30 + name_len + extra_len
+    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError):
+        return None
 
 
 class DistCheckpointReader:
-    """Reads regions of the global tensors of a torch_dist checkpoint in one process."""
+    """Reads stored chunks of a torch_dist checkpoint in one process.
+
+    Chunks are returned as zero-copy views of the .distcp files when the record is a plain
+    contiguous tensor (what DCP writes), else loaded with torch.load. Regions that cut across
+    chunks along anything but rows are assembled by copying.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._reader = _CachedReader(self.path)
-        self.metadata = self._reader.read_metadata()
+        self.metadata = FileSystemReader(self.path).read_metadata()
+        self._cache: dict = {}  # chunks of the tensor (and layer) read last
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.metadata.state_dict_metadata[key].size)
@@ -234,12 +274,52 @@ class DistCheckpointReader:
     def keys(self) -> Iterable[str]:
         return self.metadata.state_dict_metadata.keys()
 
-    def read(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
-             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """{key: (offsets, sizes)} -> {key: tensor of that region} in one pass over the files."""
-        dests = {k: (tuple(off), torch.empty(tuple(size), dtype=dtype or self.dtype(k)))
-                 for k, (off, size) in regions.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.load({}, storage_reader=self._reader, planner=_RegionPlanner(dests), no_dist=True)
-        return {k: t for k, (_, t) in dests.items()}
+    def chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        """One stored chunk (shape chunk.sizes)."""
+        info = self.metadata.storage_data[MetadataIndex(key, torch.Size(chunk.offsets))]
+        path = os.path.join(self.path, info.relative_path)
+        dtype, sizes = self.dtype(key), tuple(chunk.sizes)
+        with open(path, "rb") as f:
+            at = None if info.transform_descriptors else _raw_tensor_location(f, info.offset, info.length, dtype, sizes)
+            if at is None:
+                f.seek(info.offset)
+                return torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        from .hf_io import map_file
+
+        return map_file(path, at, math.prod(sizes), dtype).view(sizes)
+
+    def rows(self, key: str, lead: tuple[int, ...], row: int, rows: int) -> list[torch.Tensor]:
+        """Rows [row, row + rows) of global tensor `key` at leading indices `lead` (e.g. the layer),
+        as a list of tensors to concatenate along dim 0 (views of the stored chunks if the chunks
+        split only rows, else one assembled tensor)."""
+        md = self.metadata.state_dict_metadata[key]
+        if self._cache.get("at") != (key, lead):
+            self._cache = {"at": (key, lead)}
+        d = len(lead)
+        rest = tuple(md.size[d + 1:])
+        hits = []
+        for c in md.chunks:
+            if any(not c.offsets[i] <= lead[i] < c.offsets[i] + c.sizes[i] for i in range(d)):
+                continue
+            lo, hi = max(c.offsets[d], row), min(c.offsets[d] + c.sizes[d], row + rows)
+            if lo < hi:
+                hits.append((lo, hi, c))
+        hits.sort(key=lambda h: (h[0], tuple(h[2].offsets)))
+        volume = sum((hi - lo) * math.prod(c.sizes[d + 1:]) for lo, hi, c in hits)
+        if volume != rows * math.prod(rest):
+            raise KeyError(f"{key}: rows [{row}, {row + rows}) at {lead} are not fully stored")
+        def pick(lo, hi, c):
+            if tuple(c.offsets) not in self._cache:
+                self._cache[tuple(c.offsets)] = self.chunk(key, c)
+            t = self._cache[tuple(c.offsets)][tuple(x - o for x, o in zip(lead, c.offsets))]
+            return t.narrow(0, lo - c.offsets[d], hi - lo)
+
+        if all(tuple(c.sizes[d + 1:]) == rest for _, _, c in hits):
+            return [pick(lo, hi, c) for lo, hi, c in hits]
+        out = torch.empty((rows,) + rest, dtype=self.dtype(key))
+        for lo, hi, c in hits:
+            dst = out.narrow(0, lo - row, hi - lo)
+            for k in range(len(rest)):
+                dst = dst.narrow(k + 1, c.offsets[d + 1 + k], c.sizes[d + 1 + k])
+            dst.copy_(pick(lo, hi, c))
+        return [out]

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,6 +35,21 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if not t.is_contiguous():
         raise ValueError("tensor must be contiguous")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def map_file(path: str | os.PathLike, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """`count` elements of `dtype` at byte `offset` of a file, as a 1-D zero-copy READ-ONLY tensor
+    (writing into it faults). Read-only shared mapping, pre-faulted in one call (MAP_POPULATE, no
+    copy-on-write); released when the tensor is.
+    """
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), offset - aligned + count * dtype.itemsize,
+                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ,
+                       offset=aligned)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=offset - aligned)
 
 
 class _Entry:
@@ -123,9 +139,9 @@ class HFCheckpoint:
 
     # -- reads ---------------------------------------------------------------------------------
     def view(self, name: str, row: int = 0, rows: int | None = None) -> torch.Tensor:
-        """Rows [row, row + rows) of tensor `name` as a zero-copy tensor over a private memory map
-        of exactly those bytes (copy-on-write: writing to it never touches the file). The mapping
-        lives as long as the tensor, so resident pages are released with it."""
+        """Rows [row, row + rows) of tensor `name` as a zero-copy, read-only tensor over a memory
+        map of exactly those bytes (never write into it; `read` gives a copy). The mapping lives as
+        long as the tensor, so resident pages are released with it."""
         e = self._entry(name)
         shape = e.shape or (1,)
         row_numel = _numel(shape[1:])
@@ -137,10 +153,7 @@ class HFCheckpoint:
             return torch.empty((rows,) + tuple(shape[1:]), dtype=e.dtype)
         start = e.begin + row * row_numel * e.dtype.itemsize
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        with open(e.file, "rb") as f:
-            mm = mmap.mmap(f.fileno(), start - aligned + count * e.dtype.itemsize,
-                           access=mmap.ACCESS_COPY, offset=aligned)
-        t = torch.frombuffer(mm, dtype=e.dtype, count=count, offset=start - aligned)
+        t = map_file(e.file, start, count, e.dtype)
         return t.view(e.shape) if not e.shape else t.view((rows,) + tuple(shape[1:]))
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:

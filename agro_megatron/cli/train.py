@@ -1,8 +1,15 @@
-"""`agro-train [CONFIG.yaml] [key=value ...]`: an AGRO run (default: the tiny CPU demo)."""
+"""`agro-train [CONFIG.yaml] [key=value ...]`: an AGRO run (default: the tiny CPU demo).
+
+Exit status: 0 done, 2 bad configuration, 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint: the run is not finished and the same command resumes it (slurm/train.sbatch
+requeues the job on 75).
+"""
 from __future__ import annotations
 
 import os
 import sys
+
+STOPPED_EXIT_CODE = 75
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -24,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from agro_megatron.train.run import run_job
 
     try:
-        run_job(cfg)
+        result = run_job(cfg)
     except ConfigError as e:
         print(f"agro-train: {e}", file=sys.stderr)
         return 2
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             parallel.destroy()
         except Exception:
             pass
-    return 0
+    return STOPPED_EXIT_CODE if result.get("stopped") else 0
 
 
 if __name__ == "__main__":

@@ -126,16 +126,17 @@ class _Checker:
         except OSError:  # BrokenPipeError: the checker died
             return False
 
-    def read(self) -> list[dict] | None:
-        """Complete messages available now; None once the checker has exited (EOF)."""
-        chunks = []
+    def read(self) -> tuple[list[dict], bool]:
+        """(complete messages available now, whether the checker has exited)."""
+        chunks, eof = [], False
         while True:
             try:
                 chunk = os.read(self.resp, 1 << 16)
             except BlockingIOError:
                 break
             if not chunk:
-                return None
+                eof = True
+                break
             chunks.append(chunk)
         self.buf += b"".join(chunks)
         *lines, self.buf = self.buf.split(b"\n")
@@ -147,7 +148,7 @@ class _Checker:
                 continue
             if isinstance(msg, dict):
                 out.append(msg)
-        return out
+        return out, eof
 
     def close(self) -> None:
         for fd in (self.req, self.resp):
@@ -263,11 +264,7 @@ class SandboxPool:
 
     def _on_readable(self, i: int, results: list) -> None:
         c = self._checkers[i]
-        msgs = c.read()
-        if msgs is None:  # the checker died while checking (segfault, CPU limit, killed)
-            self.stats["crashes"] += 1
-            self._replace(i)
-            return
+        msgs, eof = c.read()
         for msg in msgs:
             if msg.get("id") == c.task_id and c.task is not None:
                 self.stats["checks"] += 1
@@ -276,9 +273,11 @@ class SandboxPool:
                 self.stats["blocked"] += blocked
                 results[c.task] = None if blocked else bool(msg.get("eq"))
                 c.task = None
-                if msg.get("fatal"):  # MemoryError: the checker exits; fork a clean one
-                    self._replace(i)
-                    return
+                eof = eof or bool(msg.get("fatal"))  # MemoryError: the checker exits
+        if eof:  # exited: after a MemoryError, or it crashed (segfault, CPU limit, killed)
+            if c.task is not None:
+                self.stats["crashes"] += 1
+            self._replace(i)
 
     def worker_pids(self) -> list[int]:
         return [c.pid for c in self._checkers]

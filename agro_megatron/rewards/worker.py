@@ -42,8 +42,17 @@ _NUMERIC_CODE = re.compile(r"[\s()0-9.eE+\-'\",*/]*")
 # Library files allowed to compile code they generate from their own templates or annotations.
 _CODEGEN_FILES = ("sympy/polys/monomials.py", "dataclasses.py", "collections/__init__.py",
                   "typing.py")
-_WARMUP = (("0.5", "\\frac{1}{2}"), ("(x+1)^2", "x^2+2x+1"), ("(1,2]", "(1,2]"),
-           ("\\{1,2\\}", "\\{2,1\\}"), ("\\sqrt{8}", "2\\sqrt{2}"), ("x<3", "(-\\infty,3)"))
+# Common answer shapes, checked once in the zygote: every forked checker inherits the warm
+# parser (ANTLR's prediction cache) and SymPy caches instead of building them itself.
+_WARMUP = (
+    ("0.5", "\\frac{1}{2}"), ("(x+1)^2", "x^2+2x+1"), ("(x - 2)(x + 3)", "x^2 + x - 7"),
+    ("(1,2]", "(1,2]"), ("(-\\infty, -1) \\cup (1, \\infty)", "x^2 > 1"), ("2 \\le x < 7", "[2, 7)"),
+    ("\\{1,2\\}", "\\{2,1\\}"), ("1, -2, 3", "\\{3, 1, -2\\}"), ("(-3, \\frac{1}{2})", "(-3, 0.5)"),
+    ("\\sqrt{8}", "2\\sqrt{2}"), ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{\\sqrt{3}}"), ("x<3", "(-\\infty,3)"),
+    ("\\frac{5\\pi}{6}", "\\frac{5}{6}\\pi"), ("3 + 4i", "4i + 3"), ("y = 2x + 1", "2x + 1"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\log_2 8", "3"), ("\\binom{5}{2}", "10"), ("\\text{odd}", "odd"),
+)
 
 
 class _Guard:

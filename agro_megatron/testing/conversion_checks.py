@@ -37,11 +37,12 @@ def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max())
 
 
-def check_logits_all_layouts(ckpts: dict, refs: dict, input_ids: torch.Tensor, layouts: list) -> dict:
-    """Load every checkpoint at every (TP, PP) layout; relative logit error vs its HF reference.
+def check_checkpoints(ckpts: dict, refs: dict, input_ids: torch.Tensor, loads: list) -> dict:
+    """Load checkpoints at (TP, PP) layouts and compare logits with their HF references.
 
-    ckpts: {label: (checkpoint dir, HF reference name)}; refs: {HF reference name: logits}.
-    Returns {(label, tp, pp): error} from the ranks that hold last-stage logits (TP rank 0).
+    ckpts: {label: (checkpoint dir, reference name)}; refs: {reference name: logits};
+    loads: [(label, tp, pp)]. Returns {(label, tp, pp): relative error} from the TP rank 0 of
+    the last pipeline stage (other ranks return an empty dict).
     """
     from megatron.core import parallel_state as ps
 
@@ -49,9 +50,11 @@ def check_logits_all_layouts(ckpts: dict, refs: dict, input_ids: torch.Tensor, l
     from agro_megatron.checkpoint.load import build_and_load
 
     errors = {}
+    layouts = sorted({(tp, pp) for _, tp, pp in loads})
     for tp, pp in layouts:
         parallel.init_model_parallel(tp=tp, pp=pp)
-        for label, (ckpt, ref_name) in ckpts.items():
+        for label, _, _ in [x for x in loads if x[1:] == (tp, pp)]:
+            ckpt, ref_name = ckpts[label]
             model, arch = build_and_load(ckpt)
             model.eval()
             logits = pipeline_forward(model, input_ids, arch.vocab_size)
@@ -59,6 +62,30 @@ def check_logits_all_layouts(ckpts: dict, refs: dict, input_ids: torch.Tensor, l
                 errors[(label, tp, pp)] = relative_error(logits, refs[ref_name])
             dist.barrier()
     return errors
+
+
+def load_error(ckpt: str, tp: int, pp: int, dtype: str) -> str:
+    """The error `load_checkpoint` raises for a model built with another dtype ('' if none)."""
+    from agro_megatron import parallel
+    from agro_megatron.checkpoint.convert import checkpoint_arch
+    from agro_megatron.checkpoint.load import load_checkpoint
+    from agro_megatron.models.llama import build_model
+
+    parallel.init_model_parallel(tp=tp, pp=pp)
+    model = build_model(checkpoint_arch(ckpt), dtype=dtype)
+    try:
+        load_checkpoint(model, ckpt)
+    except Exception as e:  # noqa: BLE001 - the test inspects which error
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def run_all(ckpts: dict, refs: dict, input_ids: torch.Tensor, loads: list, layout_probe: tuple,
+            dtype_probe: tuple) -> dict:
+    """Everything the distributed conversion test checks, in one launch (each launch costs seconds)."""
+    return {"errors": check_checkpoints(ckpts, refs, input_ids, loads),
+            "layout": sharded_layout(*layout_probe),
+            "dtype_error": load_error(*dtype_probe)}
 
 
 def sharded_layout(ckpt: str, tp: int, pp: int) -> list:

@@ -112,7 +112,6 @@ def engine_checks() -> dict:
     model = _model()
     last = ps.is_pipeline_last_stage()
     out: dict = {"last_stage": last}
-    engine = make_engine("native", model, vocab_size=ARCH.vocab_size, max_batch_size=1024)
     # most sequences hit one of 16 stop ids within 12 tokens: exercises stop + batch compaction
     stop = tuple(range(0, ARCH.vocab_size, 16))
 
@@ -137,7 +136,7 @@ def engine_checks() -> dict:
     out["max_new_tokens"] = params.max_new_tokens
 
     # (2) greedy and top_k=1 == a full-recompute greedy loop (no left padding, no cache)
-    engine = make_engine("native", model, vocab_size=ARCH.vocab_size)
+    engine = make_engine("native", model, vocab_size=ARCH.vocab_size, max_batch_size=4096)
     greedy = engine.generate(PROMPTS, 1, SamplingParams(temperature=0.0, max_new_tokens=8))
     topk1 = engine.generate(PROMPTS, 2, SamplingParams(temperature=0.9, top_k=1, max_new_tokens=8, seed=3))
     out["greedy"] = [g[0].token_ids for g in greedy]
@@ -165,11 +164,11 @@ def engine_checks() -> dict:
     out["model_training_after"] = model.training
 
     # (5) the engine samples the live model: an in-place update (an optimizer step) is seen as is
-    g = torch.Generator().manual_seed(ps.get_pipeline_model_parallel_rank())
+    noise = torch.Generator().manual_seed(ps.get_pipeline_model_parallel_rank())
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=g) * 0.5 * param.abs().mean())
-    out["greedy_after_step"] = [g[0].token_ids for g in engine.generate(
+            param.add_(torch.randn(param.shape, generator=noise) * 0.5 * param.abs().mean())
+    out["greedy_after_step"] = [group[0].token_ids for group in engine.generate(
         PROMPTS, 1, SamplingParams(temperature=0.0, max_new_tokens=4))]
     out["greedy_after_step_ref"] = _greedy_by_recompute(model, PROMPTS, 4)
     return out

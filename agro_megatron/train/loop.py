@@ -83,7 +83,7 @@ class Trainer:
         if self.replay and st["replay"]:
             self.replay.buffer.load_state_dict(st["replay"])
         self.stale_snapshots = st["stale"]
-        self.metrics.history = st["metrics"] if self.ctx.is_logging_rank else []
+        self.metrics.restore(st["metrics"])
         ckpt.set_rng_state(st["rng"])
         self.ctx.print(f"resumed from {path} at step {self.step}")
         return True

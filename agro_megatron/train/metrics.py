@@ -24,19 +24,34 @@ class MetricsLogger:
             return
         clean = {k: float(v) for k, v in scalars.items() if v is not None}
         self.history.append({"step": step, **clean})
+        with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:  # readable while running
+            f.write(json.dumps(self.history[-1]) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
+    def restore(self, history: list[dict]) -> None:
+        """After a resume: the history up to the checkpoint, and the file rewritten to match it."""
+        if not self.enabled:
+            return
+        self.history = list(history)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        path = os.path.join(self.log_dir, "metrics.jsonl")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            for rec in self.history:
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self.enabled:
-            with open(os.path.join(self.log_dir, "metrics.jsonl"), "w") as f:
-                for rec in self.history:
-                    f.write(json.dumps(rec) + "\n")
+            self._rewrite()
 
     def plot(self, path: str) -> str | None:
         """Reward and held-out accuracy vs step, and vs KL(pi || pi_ref): one PNG."""

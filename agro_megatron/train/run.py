@@ -147,8 +147,10 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
         before = _share(before)
     trainer = Trainer(ctx)
     resumed = trainer.maybe_resume()
-    if not resumed and before:
-        trainer.metrics.log(0, before)
+    if not resumed:
+        trainer.metrics.restore([])  # a fresh run starts a fresh metrics.jsonl
+        if before:
+            trainer.metrics.log(0, before)
     try:
         trainer.run()
     except StopRequested as e:
