@@ -77,7 +77,6 @@ class AlgorithmConfig:
     replay_capacity: int = 512
     staleness: int = 0                       # stale: rollouts generated k policy versions behind
     offline_data: str | None = None          # offline: responses from pi_ref stored on disk
-    offline_epochs: int = 1
     epochs_per_batch: int = 1                # optimizer steps per rollout batch (PPO-style)
 
 
@@ -151,14 +150,7 @@ class JobConfig:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | None = None, overrides: list[str] | None = None) -> "JobConfig":
-        raw: dict = {}
-        if path:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file {path!r} not found: pass an existing YAML file")
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw: dict = _read_yaml(path) if path else {}
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=10)")
@@ -226,6 +218,31 @@ class JobConfig:
                 raise ConfigError(f"train.prompts_per_step={self.train.prompts_per_step} is not divisible "
                                   f"by DP={dp}: every data-parallel rank needs the same number of prompts")
         return self
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    """A YAML config; a top-level `base: other.yaml` (relative to this file) is merged underneath."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found: pass an existing YAML file")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"{path}: `base:` includes form a cycle")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base:
+        parent = _read_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), base),
+                            seen + (os.path.abspath(path),))
+        raw = _deep_merge(parent, raw)
+    return raw
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _one_of(key: str, value: Any, valid) -> None:
