@@ -1,0 +1,95 @@
+"""Small CPU versions of the paper's comparisons, with plots, in minutes.
+
+    python examples/compare.py onpolicy   # rloo vs agro_off vs agro_on on on-policy data (Fig. 2-3)
+    python examples/compare.py offline    # agro_off vs kl_pg vs pg on fixed samples from pi_ref (Fig. 5)
+
+One SFT warm-up is trained first and shared (copied) by every run, so the algorithms start from
+the same reference and see identical settings (AGRO.md sec. 5). Each run is a normal agro-train
+job (its own directory, TensorBoard, checkpoints); the script overlays their curves in one PNG.
+Extra `key=value` arguments are passed to every run (e.g. train.steps=10).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+PRESETS = {
+    "onpolicy": [("rloo", ["algorithm.estimator=rloo"]),
+                 ("agro_off", ["algorithm.estimator=agro_off"]),
+                 ("agro_on", ["algorithm.estimator=agro_on"])],
+    "offline": [("agro_off", ["algorithm.estimator=agro_off"]),
+                ("kl_pg", ["algorithm.estimator=kl_pg"]),
+                ("pg", ["algorithm.estimator=pg", "algorithm.beta=0"])],
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "tiny_cpu.yaml"))
+    ap.add_argument("--out", default=None, help="output directory (default runs/compare_<preset>)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    out = os.path.abspath(args.out or f"runs/compare_{args.preset}")
+    os.makedirs(out, exist_ok=True)
+    train = [sys.executable, "-m", "agro_megatron.train", args.config]
+    base = os.path.join(out, "sft")
+    # 1. the shared starting point: SFT warm-up only (train.steps=0)
+    run(train + [f"logging.dir={base}", "train.steps=0", "logging.plots=false"] + args.overrides)
+    extra = []
+    if args.preset == "offline":
+        extra = ["algorithm.regime=offline", f"algorithm.offline_data={os.path.join(out, 'offline_from_ref.jsonl')}"]
+    curves = {}
+    for name, opts in PRESETS[args.preset]:
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        for item in ("sft_model", "tokenizer", "eval_before.json"):
+            src, dst = os.path.join(base, item), os.path.join(d, item)
+            if not os.path.exists(dst):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+        run(train + [f"logging.dir={d}"] + extra + opts + args.overrides)
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            curves[name] = [json.loads(line) for line in f]
+    path = plot(curves, os.path.join(out, f"compare_{args.preset}.png"), args.preset)
+    print(f"wrote {path}")
+    for name, hist in curves.items():
+        acc = [r["eval/accuracy"] for r in hist if "eval/accuracy" in r]
+        print(f"{name:9s} held-out accuracy {acc[0]:.3f} -> {acc[-1]:.3f}")
+    return 0
+
+
+def plot(curves: dict, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, hist in curves.items():
+        tr = [r for r in hist if "train/reward_mean" in r]
+        ev = [r for r in hist if "eval/accuracy" in r]
+        axes[0].plot([r["step"] for r in tr], [r["train/reward_mean"] for r in tr], label=name)
+        axes[1].plot([r["step"] for r in ev], [r["eval/accuracy"] for r in ev], "o-", label=name)
+        axes[2].plot([r["train/kl"] for r in tr], [r["train/reward_mean"] for r in tr], ".-", label=name)
+    for ax, t, xl in zip(axes, ("train reward", "held-out accuracy", "reward vs KL(pi||pi_ref)"),
+                         ("step", "step", "KL per sequence")):
+        ax.set_title(f"{title}: {t}")
+        ax.set_xlabel(xl)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
