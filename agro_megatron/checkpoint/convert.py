@@ -137,6 +137,17 @@ def _atomic_dir(out: Path, overwrite: bool):
         raise
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Copies here are small and memory-bound; with cores shared, OpenMP threads only wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -260,7 +271,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
             target = src
         chunks = plan_chunks(arch, tp, pp, target, _ChunkReader(arch, hf, tp, target))
         total = sum(c.nbytes for c in chunks)
-        with _atomic_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar:
+        with _atomic_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar, _one_thread():
             write_chunks(tmp, chunks, sync=sync, on_chunk=bar.update)
             assets = _copy_assets(hf_dir, tmp / ASSETS_DIR)
             source_config = dict(config)
@@ -359,7 +370,7 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         _check_stored(arch, reader, w)
     with _atomic_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync)
-        with _progress(writer.total_size, "export", progress) as bar:
+        with _progress(writer.total_size, "export", progress) as bar, _one_thread():
             for w in ws:
                 for name, parts in hf_parts(arch, reader, w).items():
                     writer.write(name, parts)

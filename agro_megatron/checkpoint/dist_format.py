@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+from torch.utils.serialization import config as serialization_config
 
 _SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled.*"
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -154,8 +155,9 @@ def write_chunks(path: str | os.PathLike, chunks: Sequence[Chunk], *, sync: bool
     import json
 
     file_of = {c.write_item().index: c.file for c in chunks}
+    # torch.load never checks the zip CRC32 of a record; computing it costs as much as the write.
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), serialization_config.patch({"save.compute_crc32": False}):
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
             dcp.save({}, storage_writer=_StreamingWriter(path, file_of, on_chunk, sync),
                      planner=_LazyPlanner(chunks), no_dist=True)
@@ -229,26 +231,36 @@ class _TensorMeta(pickle.Unpickler):
         return pid  # ('storage', storage type, key, location, numel)
 
 
+def _member_offset(f, start: int, info: zipfile.ZipInfo) -> int:
+    """File offset of a stored zip member's data (from its local header)."""
+    f.seek(start + info.header_offset)
+    header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return start + info.header_offset + 30 + name_len + extra_len
+
+
 def _raw_tensor_location(f, start: int, length: int, dtype: torch.dtype, sizes: tuple) -> int | None:
     """Byte offset in the file of the raw data of a torch.save'd contiguous tensor record, or None
-    if the record is anything else (the caller then falls back to torch.load)."""
+    if the record is anything else (the caller then falls back to torch.load). Member bytes are
+    read directly: records are written without CRC32 (see write_chunks), which zipfile would check."""
     try:
         zf = zipfile.ZipFile(_Slice(f, start, length))
-        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-        storage, offset, size, stride = _TensorMeta(io.BytesIO(zf.read(pkl))).load()
+        pkl = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+        if pkl.compress_type != zipfile.ZIP_STORED:
+            return None
+        f.seek(_member_offset(f, start, pkl))
+        storage, offset, size, stride = _TensorMeta(io.BytesIO(f.read(pkl.file_size))).load()
         _, storage_type, key, _, numel = storage
         contiguous = tuple(torch.empty(sizes, device="meta").stride())
         if (_STORAGE_DTYPES.get(storage_type) != dtype or offset != 0 or size != tuple(sizes)
                 or (stride != contiguous and math.prod(sizes) > 1) or numel != math.prod(sizes)):
             return None
-        info = zf.getinfo(pkl[: -len("data.pkl")] + f"data/{key}")
+        info = zf.getinfo(pkl.filename[: -len("data.pkl")] + f"data/{key}")
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * dtype.itemsize:
             return None
-        f.seek(start + info.header_offset)
-        header = f.read(30)
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        return start + info.header_offset + 30 + name_len + extra_len
-    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError):
+        return _member_offset(f, start, info)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, StopIteration, KeyError, ValueError, TypeError,
+            struct.error):
         return None
 
 

@@ -129,6 +129,48 @@ def write_tiny_llama(out_dir: str | os.PathLike, *, vocab_size: int = 300, hidde
     return out
 
 
+def write_random_llama(out_dir: str | os.PathLike, arch, *, dtype: torch.dtype | str = torch.bfloat16,
+                       seed: int = 0, max_shard_bytes: int = 500 << 20, std: float = 0.02) -> Path:
+    """A random HF checkpoint of LlamaArch `arch` written without transformers, one shard in memory
+    at a time (for sizes where building a LlamaForCausalLM is slow: memory tests, benchmarks).
+    Weights are plain N(0, std); only shapes, names and files are Llama's."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from agro_megatron.checkpoint import mapping
+    from agro_megatron.models.llama import parse_dtype
+
+    dtype = parse_dtype(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = arch.to_hf_config()
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, shard, size, total = {}, {}, 0, 0
+    names = []
+
+    def flush():
+        nonlocal shard, size
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    for w in mapping.weights(arch):
+        for name, shape in mapping.hf_shapes(arch, w).items():
+            t = torch.randn(shape, generator=gen).mul_(std).to(dtype)
+            if shard and size + t.nbytes > max_shard_bytes:
+                flush()
+            shard[name], size, total = t, size + t.nbytes, total + t.nbytes
+    flush()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return out
+
+
 def hf_logits(hf_dir: str | os.PathLike, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits [batch, seq, vocab] of transformers' LlamaForCausalLM loaded from `hf_dir`."""
     from transformers import LlamaForCausalLM

@@ -9,6 +9,7 @@ ops/); it only moves batches between them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -269,7 +270,14 @@ class Trainer:
                 adv = pd = lr = None
                 if ctx.is_last_stage:
                     adv, pd, lr = self.advantages(batch, tok)
-                for _ in range(c.algorithm.epochs_per_batch):
+                for epoch in range(c.algorithm.epochs_per_batch):
+                    if epoch:
+                        # After an update the batch is off-policy: re-score it under the current
+                        # policy (R_pi depends on log pi) and drop agro_on's likelihood-ratio term.
+                        stale = dataclasses.replace(batch, on_policy=torch.zeros_like(batch.on_policy))
+                        tok_now = self.score_sequences(stale)
+                        if ctx.is_last_stage:
+                            adv, _, _ = self.advantages(stale, tok_now)
                     out = self.train_on(batch, adv)
                     if out["skipped"]:
                         break
