@@ -58,7 +58,8 @@ def test_nan_reward_skips_step_and_repeated_failures_stop(tmp_path):
     {"algorithm.regime": "stale", "algorithm.staleness": 2, "algorithm.estimator": "agro_off"},
     {"algorithm.estimator": "kl_pg", "checkpoint.save_every": 0},
     {"algorithm.token_estimator": "local_kl", "checkpoint.save_every": 0},
-], ids=["replay", "stale", "kl_pg", "local_kl"])
+    {"algorithm.epochs_per_batch": 2, "algorithm.logratio_reduction": "mean", "checkpoint.save_every": 0},
+], ids=["replay", "stale", "kl_pg", "local_kl", "epochs2_mean"])
 def test_regimes_and_estimators_run(tmp_path, overrides):
     out = _run(tmp_path, **overrides)[0]
     assert out["steps"] == 4
