@@ -7,11 +7,10 @@ export_hf:  megatron checkpoint -> HF safetensors shards of bounded size + index
             generation_config.json + tokenizer files.
 
 Memory: import maps each TP chunk's rows of the shard files (zero-copy where the chunk is one
-contiguous HF row range), writes the chunk and drops it before the next (row-parallel weights,
-split along columns, are mapped once and cut for every TP rank). Export reads one logical weight at a time from the
-DCP files (zero-copy maps of the stored chunks) and streams its HF tensors into the shard being
-written. Peak: about one largest
-tensor plus one stored chunk, never the model.
+contiguous HF row range), writes the chunk and drops it before the next; row-parallel weights,
+split along columns, are mapped once and cut for every TP rank. Export maps one logical weight's
+stored chunks at a time and streams its HF tensors into the shard being written. Peak: about one
+largest tensor, never the model.
 
 Both write into a hidden temp directory beside the output and rename it into place at the end,
 so an interrupted run never leaves a directory that looks like a finished checkpoint.
@@ -274,12 +273,11 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
         with _atomic_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar, _one_thread():
             write_chunks(tmp, chunks, sync=sync, on_chunk=bar.update)
             assets = _copy_assets(hf_dir, tmp / ASSETS_DIR)
-            source_config = dict(config)
             write_metadata(tmp, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "tp": tp, "pp": pp,
                 "dtype": _DTYPE_NAMES[target], "vocab_size": arch.vocab_size,
                 "padded_vocab_size": padded_vocab_size(arch.vocab_size, tp),
-                "hf_config": source_config, "arch": dataclasses.asdict(arch),
+                "hf_config": config, "arch": dataclasses.asdict(arch),
                 "assets_dir": ASSETS_DIR, "assets": assets, "source": str(hf_dir.absolute()),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "writer": writer_info(),
@@ -372,10 +370,11 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync)
         with _progress(writer.total_size, "export", progress) as bar, _one_thread():
             for w in ws:
-                for name, parts in hf_parts(arch, reader, w).items():
+                by_name = hf_parts(arch, reader, w)
+                for name in w.hf_names:
+                    parts = by_name.pop(name)  # drop each tensor's maps once written
                     writer.write(name, parts)
                     bar.update(sum(p.nbytes for p in parts))
-                    del parts
         writer.close()
         _write_hf_side_files(megatron_dir, meta, tmp, dtype)
     return out_dir

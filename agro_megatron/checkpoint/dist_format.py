@@ -9,8 +9,9 @@ megatron-core 0.16.1, checked against a real save at TP=2 x PP=2):
     Per-layer `_extra_state` objects of the four linears are bytes entries
     `<key>/shard_<layer>_<num_layers>` holding `[None]`, as the local spec saves them.
   * `common.pt` (the non-sharded state, empty for a model) and `metadata.json`
-    (`{"sharded_backend": "torch_dist", ...}`): megatron-core <= 0.18 reads these; 0.19 keeps the
-    common state inside the DCP files, so checkpoints of the two families do not interchange.
+    (`{"sharded_backend": "torch_dist", ...}`), as megatron-core 0.16 writes and reads them;
+    0.19 keeps the common state inside the DCP files and the two do not interchange (the
+    converter's metadata records the writer's version: see convert.read_metadata).
 
 Why DCP directly and not `dist_checkpointing.save`: that call needs every rank's tensors in
 memory at once (one process per rank, or all shards in one process). DCP's planner API lets one
@@ -18,14 +19,21 @@ process describe every chunk of every (virtual) rank up front - the global `.met
 while the storage writer below asks for each chunk's data only when it writes it, so one chunk is
 in memory at a time. Resharding at load time is DCP's: any TP x PP reads the overlaps it needs.
 
-The two torch internals used are `_StorageInfo` (DCP's per-chunk file location record) and the
-plain `torch.save` serialization of each chunk that `FileSystemReader` expects.
+Reading (export) does not go through DCP's loader, which copies every chunk twice (torch.load,
+then into the destination): `DistCheckpointReader` maps each stored chunk's raw bytes, found by
+parsing its torch.save record (a stored zip: `data.pkl` describes the tensor, `data/0` holds it),
+and falls back to torch.load for any record that is not a plain contiguous tensor. Chunks are
+written without the zip CRC32, which torch.load never checks and which costs as much as the write.
+
+torch internals relied on (torch pinned to 2.13; the tests exercise each): `_StorageInfo` (DCP's
+per-chunk file location), the torch.save zip record layout, `torch.utils.serialization.config`.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import io
+import json
 import math
 import os
 import pickle
@@ -105,8 +113,10 @@ class _LazyPlanner(DefaultSavePlanner):
             if tuple(data.shape) != expect or data.dtype != write_item.tensor_data.properties.dtype:
                 raise RuntimeError(f"{write_item.index.fqn}: produced {tuple(data.shape)} {data.dtype}, "
                                    f"planned {expect} {write_item.tensor_data.properties.dtype}")
-            if not data.is_contiguous() or data.untyped_storage().nbytes() != data.nbytes:
-                data = data.clone()  # torch.save writes whole storages: keep only this chunk's bytes
+            if not data.is_contiguous():
+                data = data.contiguous()
+            if data.untyped_storage().nbytes() != data.nbytes:  # torch.save writes whole storages
+                data = data.clone(memory_format=torch.contiguous_format)
         return data
 
 
@@ -152,8 +162,6 @@ def write_chunks(path: str | os.PathLike, chunks: Sequence[Chunk], *, sync: bool
                  on_chunk: Callable[[int], None] | None = None) -> None:
     """Write one DCP checkpoint made of `chunks` (in order, one file per distinct `Chunk.file`),
     plus megatron's common.pt and metadata.json."""
-    import json
-
     file_of = {c.write_item().index: c.file for c in chunks}
     # torch.load never checks the zip CRC32 of a record; computing it costs as much as the write.
     try:

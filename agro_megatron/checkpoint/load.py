@@ -24,7 +24,8 @@ from .errors import CheckpointContentError, DtypeMismatchError
 
 
 def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "sharded_state_dict"):
+    """The GPTModel inside DDP / Float16Module wrappers (they share its parameters)."""
+    while hasattr(model, "module"):
         model = model.module
     return model
 

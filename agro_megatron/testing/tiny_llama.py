@@ -6,6 +6,10 @@ tokenizer with Llama-3's special tokens. Every weight is random and distinct: RM
 are drawn around 1 instead of being all ones, so a mapping that swaps two norms changes logits.
 
     path = write_tiny_llama(tmp / "hf", vocab_size=300, layers=2, kv_heads=2, tie=False)
+    logits = hf_logits(path, input_ids)          # transformers' fp32 reference
+
+`write_random_llama` writes checkpoints of any LlamaArch without transformers (random N(0, std)
+weights, one shard in memory at a time) for memory tests and benchmarks.
 """
 from __future__ import annotations
 
