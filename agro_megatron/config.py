@@ -1,4 +1,4 @@
-"""A whole job's configuration: dataclasses, loaded from YAML with dotted `key=value` overrides.
+"""A whole job's configuration (the defaults are the tiny CPU demo, examples/tiny_cpu.yaml): dataclasses, loaded from YAML with dotted `key=value` overrides.
 
 Validation happens up front (`JobConfig.validate`), before any process group or model exists, and
 every error names the key and the fix.
@@ -42,11 +42,11 @@ class ParallelConfig:
 class DataConfig:
     train: str = "synthetic"                 # "synthetic" or a path / hub spec for load_problems
     heldout: str | None = "synthetic"
-    synthetic_levels: list = field(default_factory=lambda: [1, 2])
-    synthetic_train_size: int = 800
-    synthetic_heldout_size: int = 64
+    synthetic_levels: list = field(default_factory=lambda: [1])
+    synthetic_train_size: int = 70
+    synthetic_heldout_size: int = 30
     max_prompt_tokens: int = 256
-    system_prompt: str | None = "default"    # "default": data.prompt.SYSTEM_PROMPT; null: none
+    system_prompt: str | None = None         # "default": data.prompt.SYSTEM_PROMPT; None: no system turn
     skip_malformed: bool = False
     seed: int = 0
 
@@ -54,11 +54,11 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "native"                   # native | vllm
-    n: int = 4                               # responses per prompt (>= 2)
+    n: int = 8                               # responses per prompt (>= 2)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 24
     vllm_tp: int = 1
     vllm_gpu_memory_utilization: float = 0.4
     vllm_sleep_level: int = 2
@@ -68,7 +68,7 @@ class RolloutConfig:
 class AlgorithmConfig:
     estimator: str = "agro_on"               # agro_on | agro_off | rloo | kl_pg | pg
     token_estimator: str = "vanilla"         # vanilla | causal | local_kl
-    beta: float = 0.05
+    beta: float = 0.1
     lr_baseline: str = "loo_var"             # loo_var | none | loo_sq
     lr_coef: float = 1.0
     logratio_reduction: str = "sum"          # sum | mean
@@ -94,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
+    steps: int = 30
     prompts_per_step: int = 8
     micro_batch_tokens: int = 4096           # sequence-length budget per micro-batch
     seed: int = 1234
@@ -104,7 +104,7 @@ class TrainConfig:
 @dataclass
 class SFTConfig:
     """Supervised warm-up on reference solutions (the paper starts from an SFT model)."""
-    steps: int = 0
+    steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
 
@@ -112,8 +112,8 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     every: int = 0                           # 0: only before and after training
-    n: int = 1
-    temperature: float = 0.0                 # 0 = greedy
+    n: int = 4
+    temperature: float = 1.0                 # 0 = greedy; the paper evaluates at the training temperature
     max_problems: int = 64
 
 
@@ -128,7 +128,7 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None                   # default: <logging.dir>/checkpoints
-    save_every: int = 0                      # 0: only at the end and on SIGTERM/SIGUSR1
+    save_every: int = 10                     # 0: only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2
     resume: str = "auto"                     # auto | never | <path>
 

@@ -32,9 +32,9 @@ def arch_for_job(cfg: JobConfig, vocab_size: int | None = None) -> LlamaArch:
     """The model's architecture: from the checkpoint's HF config, or the tiny demo shape."""
     m = cfg.model
     if m.megatron_checkpoint:
-        from agro_megatron.checkpoint import read_metadata
+        from agro_megatron.checkpoint.convert import checkpoint_arch
 
-        return LlamaArch.from_hf_config(read_metadata(m.megatron_checkpoint)["hf_config"])
+        return checkpoint_arch(m.megatron_checkpoint)
     if m.hf_checkpoint:
         return LlamaArch.from_hf_config(m.hf_checkpoint)
     if vocab_size is None:

@@ -73,15 +73,24 @@ def _make_engine(ctx: RunContext, model):
 
 def _starting_weights(ctx: RunContext, module) -> None:
     """Load the starting policy (= reference) into `module` from the configured checkpoint."""
+    from agro_megatron.checkpoint.load import load_checkpoint
+
     m = ctx.cfg.model
     if m.megatron_checkpoint:
-        from agro_megatron.checkpoint import load_megatron_checkpoint
-
-        load_megatron_checkpoint(module, m.megatron_checkpoint)
+        load_checkpoint(module, m.megatron_checkpoint)
     elif m.hf_checkpoint:
-        from agro_megatron.checkpoint import load_hf_into_model
+        load_checkpoint(module, converted_hf_checkpoint(ctx))
 
-        load_hf_into_model(module, m.hf_checkpoint)
+
+def converted_hf_checkpoint(ctx: RunContext) -> str:
+    """model.hf_checkpoint converted once (by rank 0, streaming) into <logging.dir>/converted."""
+    from agro_megatron.checkpoint.convert import import_hf
+
+    out = os.path.join(ctx.log_dir, "converted")
+    if dist.get_rank() == 0 and not os.path.exists(out):
+        import_hf(ctx.cfg.model.hf_checkpoint, out, tp=1, pp=1, dtype=ctx.cfg.model.dtype)
+    dist.barrier()
+    return out
 
 
 def run_sft_stage(ctx: RunContext) -> str | None:
