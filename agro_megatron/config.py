@@ -111,7 +111,7 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0                           # 0: only before and after training
+    every: int = 10                          # 0: only before and after training
     n: int = 4
     temperature: float = 1.0                 # 0 = greedy; the paper evaluates at the training temperature
     max_problems: int = 64

@@ -17,7 +17,7 @@ def tiny_config(log_dir: str, **overrides) -> JobConfig:
         "model.tiny={hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16}",
         "data.synthetic_levels=[1, 2]", "data.synthetic_train_size=64", "data.synthetic_heldout_size=8",
         "data.system_prompt=null", "rollout.n=2", "rollout.max_new_tokens=8", "train.steps=4",
-        "train.prompts_per_step=4", "sft.steps=0", "eval.max_problems=4", "optim.lr=1e-3",
+        "train.prompts_per_step=4", "sft.steps=0", "eval.max_problems=4", "eval.every=0", "optim.lr=1e-3",
         "checkpoint.save_every=1", "checkpoint.keep_last=3",
     ]
     return JobConfig.load(None, base + [f"{k}={v}" for k, v in overrides.items()])

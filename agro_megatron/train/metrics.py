@@ -76,7 +76,9 @@ class MetricsLogger:
         axes[0].set_title("reward / accuracy vs step")
         axes[0].legend()
         kx, ky = series("train/reward_mean", x="train/kl")
-        axes[1].plot(kx, ky, ".-")
+        steps = [r["step"] for r in self.history if "train/reward_mean" in r and "train/kl" in r]
+        sc = axes[1].scatter(kx, ky, c=steps, cmap="viridis", s=18)
+        fig.colorbar(sc, ax=axes[1], label="step")
         axes[1].set_xlabel("KL(pi || pi_ref) per sequence")
         axes[1].set_ylabel("train reward")
         axes[1].set_title("reward vs KL")
