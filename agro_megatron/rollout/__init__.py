@@ -6,4 +6,12 @@
 from agro_megatron.rollout.base import (Completion, RolloutEngine, SamplingParams, make_engine,
                                         validate_prompts)
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_engine", "validate_prompts"]
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_engine", "make_generate_fn",
+           "validate_prompts"]
+
+
+def make_generate_fn(model_dir: str, **options):
+    """Text-level sampler for `agro-eval --model DIR` (see rollout/generate.py)."""
+    from agro_megatron.rollout.generate import make_generate_fn as _make
+
+    return _make(model_dir, **options)

@@ -41,7 +41,9 @@ def make_context(cfg: JobConfig, reward_fn: Callable | None) -> RunContext:
     dist.barrier()
     tok_dir = cfg.model.tokenizer
     if tok_dir is None and cfg.model.megatron_checkpoint:
-        tok_dir = os.path.join(cfg.model.megatron_checkpoint, "tokenizer")
+        from agro_megatron.checkpoint.convert import ASSETS_DIR
+
+        tok_dir = os.path.join(cfg.model.megatron_checkpoint, ASSETS_DIR)  # copied by agro-convert import
     if tok_dir is None and cfg.model.hf_checkpoint:
         tok_dir = cfg.model.hf_checkpoint
     tokenizer, tok_dir, train, heldout = load_run_data(cfg, log_dir, tok_dir)
