@@ -31,7 +31,7 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    """The bytes of a contiguous CPU tensor's memory, without a copy."""
     if not t.is_contiguous():
         raise ValueError("tensor must be contiguous")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
@@ -151,9 +151,7 @@ class HFCheckpoint:
         count = rows * row_numel
         if count == 0:
             return torch.empty((rows,) + tuple(shape[1:]), dtype=e.dtype)
-        start = e.begin + row * row_numel * e.dtype.itemsize
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        t = map_file(e.file, start, count, e.dtype)
+        t = map_file(e.file, e.begin + row * row_numel * e.dtype.itemsize, count, e.dtype)
         return t.view(e.shape) if not e.shape else t.view((rows,) + tuple(shape[1:]))
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
