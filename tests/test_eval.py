@@ -193,7 +193,7 @@ def test_cli_model_path_uses_rollout_factory(tmp_path, monkeypatch, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(args[:-1] + ["--n", "2", "--temperature", "0.5", "--out", str(out), "--no-progress"]) == 0
     assert calls["model_dir"] == str(model_dir) and calls["max_new_tokens"] == 1024
-    assert calls["tokenizer"] is not None and calls["engine"] == "auto"
+    assert calls["tokenizer"] is not None and calls["engine"] == "native"
     result = json.loads(out.read_text())
     assert result["overall"]["accuracy"] == pytest.approx(0.1)  # only the first GSM8K answer is 16
     assert result["config"]["temperature"] == 0.5 and result["config"]["length_unit"] == "tokens"
