@@ -28,6 +28,7 @@ def test_defaults_are_the_tiny_cpu_demo_and_overrides_apply():
     (["algorithm.token_estimator=causal", "algorithm.regime=replay"], None, "only valid on on-policy"),
     (["optim.lr=fast"], None, "expected a number"),
     (["train"], None, "is not key=value"),
+    (["parallel.cp=2"], None, "context parallelism is not implemented"),
 ])
 def test_bad_configs_name_the_key_and_the_fix(overrides, world, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

@@ -72,7 +72,7 @@ def test_regimes_and_estimators_run(tmp_path, overrides):
         assert hist[0]["data/replay_fraction"] == 0.0  # nothing older than the start exists
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_e2e_parallel_layouts(tmp_path, tp, pp):
     outs = run_distributed(tc.run, 2, args=(str(tmp_path), "length_reward",
                                             {"parallel.tp": tp, "parallel.pp": pp, "train.steps": 2}))
