@@ -23,12 +23,20 @@ NODELISTS = {  # compressed Slurm node list -> its first host, enumerated by han
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    saved = {k: os.environ.get(k) for k in LAUNCH_VARS}
     for k in LAUNCH_VARS:
         monkeypatch.delenv(k, raising=False)
     for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
               "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(k, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    # parallel._env_from_slurm writes os.environ itself: undo that too, or later tests (and the
+    # subprocesses they start) would try to rendezvous with this test's made-up job
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.mark.parametrize("nodelist", sorted(NODELISTS))
