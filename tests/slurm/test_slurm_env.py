@@ -2,6 +2,7 @@
 variables mapped to torch.distributed's, the rendezvous host and port, agro-train's exit 75."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
