@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "tiny_cpu.yaml"))
     ap.add_argument("--out", default=None, help="output directory (default runs/compare_<preset>)")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after --out
     out = os.path.abspath(args.out or f"runs/compare_{args.preset}")
     os.makedirs(out, exist_ok=True)
     train = [sys.executable, "-m", "agro_megatron.train", args.config]
