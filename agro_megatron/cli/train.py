@@ -20,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     if argv and "=" not in argv[0]:
         config = argv.pop(0)  # without a file, the built-in defaults are the tiny CPU demo
+    import warnings
+
+    # megatron-core announces every optional GPU dependency it falls back from; we choose those
+    # fallbacks on purpose (README: Installing), so keep the console readable.
+    for pattern in (r".*(Apex|Transformer Engine).* not installed.*", r".*full scope is deprecated.*",
+                    r".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+        warnings.filterwarnings("ignore", message=pattern)
     from agro_megatron.config import ConfigError, JobConfig
 
     try:
