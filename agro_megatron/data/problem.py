@@ -40,25 +40,14 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 def _braced_group(text: str, start: int) -> tuple[str, int] | None:
     """The content of the ``{...}`` opening at ``text[start]`` and the index after it.
 
-    Escaped braces (``\\{``, ``\\}``, as in sets) do not count towards the nesting depth.
+    Brace matching has one home (rewards/extract.py): escaped ``\\{ \\}`` do not count.
     """
+    from agro_megatron.rewards.extract import matching_brace
+
     if start >= len(text) or text[start] != "{":
         return None
-    depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character, whatever it is
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
-        i += 1
-    return None
+    close = matching_brace(text, start)
+    return None if close < 0 else (text[start + 1:close], close + 1)
 
 
 def last_boxed(text: str) -> str | None:
