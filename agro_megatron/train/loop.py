@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
 
-from agro_megatron import losses, parallel
+from agro_megatron import losses
 from agro_megatron.config import JobConfig
 from agro_megatron.ops import vocab_parallel_logprobs
 from agro_megatron.train import state as ckpt
@@ -26,7 +25,7 @@ from agro_megatron.train.context import RunContext
 from agro_megatron.train.metrics import MetricsLogger
 from agro_megatron.train.pipeline import make_micro_batches, run_micro_batches, scatter_rows
 from agro_megatron.train.rollouts import (OfflineDataset, ReplayMixer, StepSamples, generate_samples,
-                                          prompt_indices, step_rng)
+                                          prompt_indices)
 
 
 class StopRequested(Exception):
@@ -247,7 +246,9 @@ class Trainer:
         while self.step < total:
             t0 = time.perf_counter()
             if c.algorithm.regime == "stale" and c.algorithm.staleness > 0:
-                self.stale_snapshots.append({k: v.detach().clone() for k, v in ctx.bundle.module.state_dict().items()
+                # host copies: k policy versions must not cost k models of accelerator memory
+                self.stale_snapshots.append({k: v.detach().to("cpu", copy=True)
+                                             for k, v in ctx.bundle.module.state_dict().items()
                                              if torch.is_tensor(v)})
                 self.stale_snapshots = self.stale_snapshots[-c.algorithm.staleness - 1:]
             batch = self.collect(self.step)
@@ -257,11 +258,8 @@ class Trainer:
             tok = self.score_sequences(batch) if not reward_bad else None
             t_logprob = time.perf_counter()
             step_metrics = {}
-            if reward_bad:
-                # Non-finite reward: skip on every rank (rewards are identical across the model group).
-                flag = torch.tensor([1.0])
-            else:
-                flag = torch.tensor([0.0])
+            # Non-finite reward: skip the step on every rank (one rank's NaN stops all of them).
+            flag = torch.tensor([1.0 if reward_bad else 0.0])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() > 0:
                 out = {"loss": float("nan"), "skipped": 1.0}
@@ -270,6 +268,7 @@ class Trainer:
                 adv = pd = lr = None
                 if ctx.is_last_stage:
                     adv, pd, lr = self.advantages(batch, tok)
+                first_adv = adv  # the metrics describe the advantages of the fresh batch
                 for epoch in range(c.algorithm.epochs_per_batch):
                     if epoch:
                         # After an update the batch is off-policy: re-score it under the current
@@ -283,7 +282,7 @@ class Trainer:
                         break
                 t_train = time.perf_counter()
                 if ctx.is_last_stage and tok is not None:
-                    step_metrics = self._step_metrics(batch, tok, adv, pd, lr)
+                    step_metrics = self._step_metrics(batch, tok, first_adv, pd, lr)
             ctx.engine.update_weights(ctx.bundle.module)
             t_sync = time.perf_counter()
             if out["skipped"]:

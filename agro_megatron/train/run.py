@@ -10,7 +10,6 @@ import json
 import os
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
 from agro_megatron import parallel

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 
 from agro_megatron.ops import vocab_parallel_logprobs
 from agro_megatron.train.pipeline import make_micro_batches, run_micro_batches
