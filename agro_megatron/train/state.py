@@ -10,6 +10,7 @@ kill at any moment leaves the previous checkpoint intact (the stale .tmp is remo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -92,6 +93,25 @@ def _optimizer_sharded_state(optimizer, model_sd: dict, is_loading: bool) -> dic
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
 
 
+@contextlib.contextmanager
+def _atomic_dir(final: str):
+    """Every rank writes into the yielded temp dir; after all finished, rank 0 marks it COMPLETE and
+    renames it to `final`. A kill at any point leaves `final` (if it existed) untouched."""
+    tmp = _broadcast_str(f"{final}.tmp-{os.getpid()}")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    yield tmp
+    _barrier()
+    if _rank() == 0:
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier()
+
+
 def model_sharded_state(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict()
 
@@ -100,19 +120,8 @@ def save_model(model: torch.nn.Module, path: str) -> None:
     """Model weights only (e.g. the SFT result that becomes the reference), atomically."""
     from megatron.core import dist_checkpointing
 
-    tmp = _broadcast_str(f"{path}.tmp-{os.getpid()}")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(model_sharded_state(model), tmp)
-    _barrier()
-    if _rank() == 0:
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    _barrier()
+    with _atomic_dir(path) as tmp:
+        dist_checkpointing.save(model_sharded_state(model), tmp)
 
 
 def load_model(model: torch.nn.Module, path: str) -> None:
@@ -130,24 +139,19 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, 
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, f"step_{step:06d}")
-    tmp = _broadcast_str(f"{final}.tmp-{os.getpid()}")
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
+    if _rank() == 0 and os.path.isdir(root):
         for name in os.listdir(root):  # leftovers of an interrupted save
             if ".tmp-" in name:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "state"))
-    _barrier()
-    model_sd = model_sharded_state(model)
-    opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=False)
-    dist_checkpointing.save({"model": model_sd, "optimizer": opt_sd}, os.path.join(tmp, "state"))
-    torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
-    _barrier()
+    with _atomic_dir(final) as tmp:
+        model_sd = model_sharded_state(model)
+        opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=False)
+        if _rank() == 0:
+            os.makedirs(os.path.join(tmp, "state"))
+        _barrier()
+        dist_checkpointing.save({"model": model_sd, "optimizer": opt_sd}, os.path.join(tmp, "state"))
+        torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(root)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
