@@ -7,19 +7,13 @@ missing elements are wrong.
 """
 import pytest
 
-from agro_megatron.rewards import configure, is_equivalent
+from agro_megatron.rewards import is_equivalent
 from agro_megatron.rewards.math import _quick
 from agro_megatron.rewards.normalize import compare_key
 from agro_megatron.rewards.sandbox import get_pool
 
-@pytest.fixture(scope="module", autouse=True)
-def generous_limit():
-    """Verdicts, not speed, are under test here: a loaded CI machine must not turn a slow
-    legitimate check into a timeout (0.0)."""
-    old = configure()["timeout_s"]
-    configure(timeout_s=60.0)
-    yield
-    configure(timeout_s=old)
+# Verdicts, not speed, are under test here (the fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("generous_reward_timeout")
 
 
 EQUIVALENT = [

@@ -5,16 +5,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agro_megatron.rewards import configure, is_equivalent, score, score_batch
+from agro_megatron.rewards import is_equivalent, score, score_batch
 
-@pytest.fixture(scope="module", autouse=True)
-def generous_limit():
-    """Verdicts, not speed, are under test here: a loaded CI machine must not turn a slow
-    legitimate check into a timeout (0.0)."""
-    old = configure()["timeout_s"]
-    configure(timeout_s=60.0)
-    yield
-    configure(timeout_s=old)
+# Verdicts, not speed, are under test here (the fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("generous_reward_timeout")
 
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True,
