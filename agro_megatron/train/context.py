@@ -28,6 +28,7 @@ class RunContext:
     is_last_stage: bool
     is_logging_rank: bool
     tokenizer: Any = None
+    tokenizer_dir: str | None = None
     pad_id: int = 0
     stop_ids: tuple = ()
     train_problems: list = dataclasses.field(default_factory=list)
@@ -66,7 +67,7 @@ class RunContext:
     def system_prompt(self):
         from agro_megatron.data import SYSTEM_PROMPT
 
-        sp = getattr(self.cfg.data, "system_prompt", "default")
+        sp = self.cfg.data.system_prompt
         return SYSTEM_PROMPT if sp == "default" else (sp or None)
 
     def sampling_params(self, *, seed: int, greedy: bool = False, n_tokens: int | None = None):

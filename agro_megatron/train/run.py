@@ -56,8 +56,7 @@ def make_context(cfg: JobConfig, reward_fn: Callable | None) -> RunContext:
         is_logging_rank=last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
         tokenizer=tokenizer, pad_id=tokenizer.pad_token_id or 0, stop_ids=tuple(stop_token_ids(tokenizer)),
         train_problems=train, heldout_problems=heldout,
-        reward_fn=reward_fn or default_reward_fn(cfg))
-    ctx.tokenizer_dir = tok_dir
+        reward_fn=reward_fn or default_reward_fn(cfg), tokenizer_dir=tok_dir)
     ctx.arch = arch_for_job(cfg, vocab_size=len(tokenizer))
     return ctx
 
