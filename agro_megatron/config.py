@@ -207,10 +207,6 @@ class JobConfig:
                 raise ConfigError(f"data.{key}={v!r} does not exist: fix the path")
         if min(p.tp, p.pp, p.cp) < 1:
             raise ConfigError("parallel.tp/pp/cp must all be >= 1")
-        if p.cp != 1:
-            raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not implemented in the trainer yet "
-                              "(the per-sequence log-ratio sums need an all-reduce over the CP group); "
-                              "use parallel.cp=1 and raise TP or PP instead")
         if world_size is not None:
             mp = p.tp * p.pp * p.cp
             dp = p.dp if p.dp is not None else world_size // mp

@@ -28,7 +28,7 @@ def test_defaults_are_the_tiny_cpu_demo_and_overrides_apply():
     (["algorithm.token_estimator=causal", "algorithm.regime=replay"], None, "only valid on on-policy"),
     (["optim.lr=fast"], None, "expected a number"),
     (["train"], None, "is not key=value"),
-    (["parallel.cp=2"], None, "context parallelism is not implemented"),
+    (["parallel.cp=2", "parallel.tp=2"], 2, "TP x PP x CP x DP = 2x1x2x0"),
 ])
 def test_bad_configs_name_the_key_and_the_fix(overrides, world, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -38,6 +38,7 @@ def test_bad_configs_name_the_key_and_the_fix(overrides, world, fragment):
 def test_pg_allows_beta_zero_and_world_size_sets_dp():
     load("algorithm.estimator=pg", "algorithm.beta=0").validate(world_size=1)
     load("parallel.tp=2", "train.prompts_per_step=8").validate(world_size=8)  # DP = 4
+    load("parallel.cp=2", "parallel.tp=2", "train.prompts_per_step=2").validate(world_size=8)  # DP = 2
 
 
 def test_base_include_merges_sections(tmp_path):

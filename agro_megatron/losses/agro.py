@@ -282,7 +282,8 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
 
 def surrogate_loss(token_logprobs: Tensor, token_advantages: Tensor, mask: Tensor, *,
                    num_prompts: int | None = None, kl_pg_token_kl: Tensor | None = None,
-                   beta: float | None = None, logratio_reduction: str = "sum") -> Tensor:
+                   beta: float | None = None, logratio_reduction: str = "sum",
+                   response_lengths: Tensor | None = None) -> Tensor:
     """``-(1/(n*N)) sum_{p,i,t} mask * sg(A) * log pi`` (+ kl_pg's ``beta * KL`` term).
 
     ``token_logprobs``, ``mask`` [P, n, T]; ``token_advantages`` [P, n, T] or sequence-level
@@ -292,6 +293,8 @@ def surrogate_loss(token_logprobs: Tensor, token_advantages: Tensor, mask: Tenso
     groups beforehand). For kl_pg pass ``kl_pg_token_kl`` [P, n, T], the differentiable
     full-vocab KL(pi||pi_ref) at each position, and ``beta``: adds ``beta * sum_t KL_t`` (mean
     over the response tokens for ``logratio_reduction="mean"``) averaged the same way.
+    ``response_lengths`` [P, n]: the whole responses' token counts for that mean, when ``mask``
+    covers only part of each response (a context-parallel share); default ``mask.sum(-1)``.
     """
     _choose("logratio_reduction", logratio_reduction, LOGRATIO_REDUCTIONS)
     if token_logprobs.dim() != 3 or mask.shape != token_logprobs.shape:
@@ -322,6 +325,8 @@ def surrogate_loss(token_logprobs: Tensor, token_advantages: Tensor, mask: Tenso
         _check_shape("kl_pg_token_kl", kl_pg_token_kl, mask.shape, "surrogate_loss")
         kl = torch.where(on, kl_pg_token_kl.to(dt), 0.0).sum(-1)
         if logratio_reduction == "mean":
-            kl = kl / m.sum(-1).clamp_min(1.0)
+            lengths = m.sum(-1) if response_lengths is None else response_lengths.to(dt)
+            _check_shape("response_lengths", lengths, mask.shape[:2], "surrogate_loss")
+            kl = kl / lengths.clamp_min(1.0)
         loss = loss + float(beta) * kl.sum() / (n * N)
     return loss

@@ -6,6 +6,7 @@ Meta (`rope_theta` + `rope_scaling`) and transformers 5.x (`rope_parameters`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -189,18 +190,26 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(use_te: bool | None = None):
+def layer_spec(use_te: bool | None = None, cp: int = 1):
     """TransformerEngine layer spec when TE imports (GPU), megatron's local torch spec otherwise.
 
     Under TE the RMSNorm weights live inside linear_qkv / linear_fc1 (`layer_norm_weight`); under the
-    local spec they are separate modules. checkpoint/mapping.py knows both names.
+    local spec they are separate modules. checkpoint/mapping.py knows both names. With context
+    parallelism (cp > 1) the local spec's attention core, which refuses CP, is replaced by
+    models/cp_attention.py (no parameters, so checkpoints are unchanged).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     use_te = te_available() if use_te is None else use_te
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cp > 1:
+        from agro_megatron.models.cp_attention import AllGatherCPAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = AllGatherCPAttention
+    return spec
 
 
 def transformer_config(arch: LlamaArch, *, tp: int = 1, pp: int = 1, cp: int = 1,
@@ -240,14 +249,15 @@ def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int 
 
     tp = tp or ps.get_tensor_model_parallel_world_size()
     pp = pp or ps.get_pipeline_model_parallel_world_size()
+    cp = ps.get_context_parallel_world_size()
     if config is None:
-        config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype)
+        config = transformer_config(arch, tp=tp, pp=pp, cp=cp, dtype=dtype)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(use_te),
+        config=config, transformer_layer_spec=layer_spec(use_te, cp=config.context_parallel_size),
         vocab_size=padded_vocab_size(arch.vocab_size, tp), max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",

@@ -12,7 +12,8 @@ MLP, final norm, output layer: TP communication included, TE-fused norms include
 only the attention core: keys are cached after RoPE, positions are per row (a padded prompt's
 tokens keep positions 0, 1, ... as in the trainer), and attention is torch's
 scaled_dot_product_attention with grouped-query heads (no K/V copies) and a boolean mask.
-Supported: Llama-style GPT stages (RoPE, rotate-half, no MLA / cross-attention / MoE-specific
+Context parallelism needs nothing here: the decoder runs whole sequences on each CP rank (CP ranks
+hold identical weights; the trainer gives each a share of the prompts). Supported: Llama-style GPT stages (RoPE, rotate-half, no MLA / cross-attention / MoE-specific
 paths); anything else raises NotImplementedError naming the feature.
 """
 from __future__ import annotations
@@ -53,7 +54,6 @@ class StageDecoder:
             "apply_residual_connection_post_layernorm": cfg.apply_residual_connection_post_layernorm,
             "sequence_parallel": cfg.sequence_parallel,
             "multi-token prediction": getattr(cfg, "mtp_num_layers", None),
-            "context_parallel_size > 1": cfg.context_parallel_size > 1,
         }
         bad = [name for name, flag in unsupported.items() if flag]
         if bad:

@@ -6,7 +6,7 @@ and benchmarks use this harness to run them on CPU. Each launch costs a few seco
 
     results = run_distributed(check_fn, world_size=2, tp=2, args=(...,))
 
-`fn` must be importable by name (a module-level function). With `tp`/`pp` given, megatron's
+`fn` must be importable by name (a module-level function). With `tp`/`pp`/`cp` given, megatron's
 parallel state is initialised (CPU platform layer applied) before `fn` runs; `fn`'s return
 value (picklable) from every rank comes back as a list ordered by rank.
 """
@@ -29,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, seed, result_dir):
+def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, cp, seed, result_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -44,8 +44,8 @@ def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, seed, result_dir):
         from agro_megatron import parallel
 
         parallel.init_distributed(backend="gloo")
-        if tp is not None or pp is not None:
-            parallel.init_model_parallel(tp=tp or 1, pp=pp or 1, seed=seed)
+        if tp is not None or pp is not None or cp is not None:
+            parallel.init_model_parallel(tp=tp or 1, pp=pp or 1, cp=cp or 1, seed=seed)
         out = fn(*args, **kwargs)
         torch.save({"ok": True, "result": out}, path)
     except BaseException:  # report every failure, including asserts, to the parent
@@ -65,6 +65,7 @@ def run_distributed(
     kwargs: dict | None = None,
     tp: int | None = None,
     pp: int | None = None,
+    cp: int | None = None,
     seed: int = 1234,
     timeout_s: float = 600,
 ) -> list[Any]:
@@ -75,7 +76,7 @@ def run_distributed(
     with tempfile.TemporaryDirectory(prefix="agro_dist_") as result_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), fn, tuple(args), dict(kwargs or {}), tp, pp, seed, result_dir),
+            args=(world_size, free_port(), fn, tuple(args), dict(kwargs or {}), tp, pp, cp, seed, result_dir),
             nprocs=world_size, join=False, start_method="spawn",
         )
         import time

@@ -27,6 +27,8 @@ class RunContext:
     dp_rank: int
     is_last_stage: bool
     is_logging_rank: bool
+    cp_size: int = 1   # context parallel: CP ranks share a DP rank's prompts and split its rollouts
+    cp_rank: int = 0
     tokenizer: Any = None
     tokenizer_dir: str | None = None
     pad_id: int = 0
@@ -93,7 +95,8 @@ class RunContext:
         problems = self.heldout_problems[: e.max_problems]
         if not problems:
             return {}
-        per_rank = problems[self.dp_rank::self.dp_size]
+        workers = self.dp_size * self.cp_size  # every DP x CP rank evaluates its own share
+        per_rank = problems[self.dp_rank * self.cp_size + self.cp_rank::workers]
 
         from agro_megatron.data import format_prompt
 
@@ -110,10 +113,10 @@ class RunContext:
                           score_fn=self.reward_fn, prompt_fn=prompt_fn, progress=False)
         acc = report.overall.accuracy
         correct = torch.tensor([acc * len(per_rank), float(len(per_rank))], dtype=torch.float64)
-        if self.dp_size > 1:
+        if workers > 1:
             from megatron.core import parallel_state as ps
 
-            dist.all_reduce(correct, group=ps.get_data_parallel_group())
+            dist.all_reduce(correct, group=ps.get_data_parallel_group(with_context_parallel=True))
         return {f"{prefix}/accuracy": float(correct[0] / correct[1])}
 
 

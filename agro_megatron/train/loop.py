@@ -20,6 +20,7 @@ import torch.distributed as dist
 from agro_megatron import losses
 from agro_megatron.config import JobConfig
 from agro_megatron.ops import vocab_parallel_logprobs
+from agro_megatron.ops.context_parallel import gather_strided_objects
 from agro_megatron.train import state as ckpt
 from agro_megatron.train.context import RunContext
 from agro_megatron.train.metrics import MetricsLogger
@@ -104,15 +105,23 @@ class Trainer:
                 self.offline = OfflineDataset(ctx.offline_path)
             return self.offline.batch(step, c.train.prompts_per_step, c.train.seed, ctx.dp_rank, ctx.dp_size)
         ids, prompts, answers = self._prompts_for_step(step)
-        params = ctx.sampling_params(seed=hash((c.train.seed, step, ctx.dp_rank)) % (2 ** 31))
+        rank_key = (c.train.seed, step, ctx.dp_rank) + ((ctx.cp_rank,) if ctx.cp_size > 1 else ())
+        params = ctx.sampling_params(seed=hash(rank_key) % (2 ** 31))
         engine = ctx.engine
         behind = 0
         if regime == "stale" and c.algorithm.staleness > 0 and len(self.stale_snapshots) > 1:
             behind = len(self.stale_snapshots) - 1  # snapshots[-1] is the current policy
             ctx.behaviour_model.load_state_dict(self.stale_snapshots[0], strict=False)
             engine = ctx.behaviour_engine
-        samples = generate_samples(engine, prompts, answers, c.rollout.n, params, ctx.reward_fn,
+        # Context parallel ranks hold the same weights: each samples every cp-th prompt, then all
+        # of them get the whole batch.
+        share = slice(ctx.cp_rank, None, ctx.cp_size)
+        samples = generate_samples(engine, prompts[share], answers[share], c.rollout.n, params, ctx.reward_fn,
                                    ctx.tokenizer, version=step - behind)
+        if ctx.cp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            samples = gather_strided_objects(samples, ps.get_context_parallel_group())
         on_policy = torch.full((len(prompts), c.rollout.n), behind == 0, dtype=torch.bool)
         batch = StepSamples(ids, prompts, answers, samples, on_policy)
         if regime == "replay":
@@ -218,7 +227,8 @@ class Trainer:
                 st.logprobs[rows].unsqueeze(1), mb.extra["adv"].to(pol.device)[rows].unsqueeze(1),
                 mask.unsqueeze(1), num_prompts=num_seqs,
                 kl_pg_token_kl=st.kl[rows].unsqueeze(1) if paired else None,
-                beta=a.beta if paired else None, logratio_reduction=a.logratio_reduction)
+                beta=a.beta if paired else None, logratio_reduction=a.logratio_reduction,
+                response_lengths=mb.response_lengths.to(pol.device)[rows].unsqueeze(1))
             return loss, {"loss": loss.detach()}
 
         b = ctx.bundle

@@ -4,6 +4,11 @@ The trainer hands over micro-batches of right-padded sequences and a `loss_fn(lo
 that runs on the last pipeline stage. This module owns the megatron details: pipeline shapes,
 the policy+reference pairing, and the micro-batch loss scaling.
 
+Context parallelism (cp > 1): each CP rank runs its rows of every sequence (ops/context_parallel.py
+layout). The loss_fn sees this rank's rows only (`MicroBatch.split_for_context_parallel`); the
+per-position stats it returns come back gathered to whole sequences and its scalar stats summed, so
+callers above this module never see CP.
+
 Why a `PolicyWithReference` pair: the local_kl estimator and kl_pg need the full-vocabulary
 KL(pi || pi_ref) at every position, i.e. both models' vocab-sharded logits on the last stage at the
 same time. Running the frozen reference beside the policy in one module makes the pipeline carry both
@@ -12,11 +17,13 @@ streams ([s, 2b, h] activations) through the same schedule, for any PP, with no 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
 
 from agro_megatron import platform
+from agro_megatron.ops.context_parallel import cp_size_and_rank, gather_sequence, split_sequence
 
 
 @dataclasses.dataclass
@@ -25,7 +32,24 @@ class MicroBatch:
     labels: torch.Tensor          # [b, L] next-token ids (pad where loss_mask == 0)
     loss_mask: torch.Tensor       # [b, L] 1 where the position predicts a response token
     index: torch.Tensor           # [b] rows of the full batch these sequences are
-    extra: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)  # more per-position [b, L] tensors
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """[b] response tokens of each whole sequence (not of a context-parallel share)."""
+        return self.extra.get("response_lengths", self.loss_mask.sum(-1))
+
+    def split_for_context_parallel(self, cp_size: int, cp_rank: int) -> "MicroBatch":
+        """This CP rank's positions of every [b, L] tensor; whole-sequence facts stay whole."""
+        if cp_size == 1:
+            return self
+
+        def cut(t):
+            return split_sequence(t, 1, cp_size, cp_rank)
+
+        extra = {k: cut(v) for k, v in self.extra.items()}
+        extra["response_lengths"] = self.response_lengths
+        return MicroBatch(cut(self.tokens), cut(self.labels), cut(self.loss_mask), self.index, extra)
 
 
 class PolicyWithReference(torch.nn.Module):
@@ -90,6 +114,10 @@ def run_micro_batches(
     `(policy_logits, reference_logits)` when `paired`) and returns (loss, stats). Its loss must be the
     micro-batch's share of the total objective: this function undoes megatron's 1/num_microbatches.
     Stats come back (in micro-batch order) on the last pipeline stage, [] elsewhere.
+
+    Under context parallelism loss_fn gets `mb.split_for_context_parallel(...)` and the logits of
+    those positions; its stats must be 0-dim tensors (additive over positions, e.g. the loss: summed
+    over the CP group) or per-position [b, L/cp] tensors (gathered back to [b, L]).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -103,19 +131,22 @@ def run_micro_batches(
                          "pad them with make_micro_batches(..., uniform=True)")
     b, L = micro_batches[0].tokens.shape
     dev = platform.device()
+    cp_size, cp_rank = cp_size_and_rank()
     stats: list[dict] = []
 
     def forward_step(data_iterator, m):
-        mb = next(data_iterator)
+        whole = next(data_iterator)
+        mb = whole.split_for_context_parallel(cp_size, cp_rank)
         tokens = mb.tokens.to(dev)
-        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        output = m(tokens, positions, None)
+        positions = split_sequence(torch.arange(whole.tokens.shape[1], device=dev), 0, cp_size, cp_rank)
+        output = m(tokens, positions.unsqueeze(0).expand_as(tokens), None)
 
         def loss_func(logits):
             if paired:
                 logits = logits.chunk(2, dim=0)
             loss, st = loss_fn(logits, mb)
             stats.append(st)
+            # megatron multiplies a (loss, stats) loss by the CP size (DDP averages over DP x CP)
             return loss * n_mb, {"loss": loss.detach()}
 
         return output, loss_func
@@ -124,7 +155,29 @@ def run_micro_batches(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=n_mb, seq_length=L, micro_batch_size=b * (2 if paired else 1),
         forward_only=forward_only)
+    if cp_size > 1:
+        stats = [_whole_sequence_stats(st, cp_size) for st in stats]
     return stats
+
+
+def _whole_sequence_stats(st: dict, cp_size: int) -> dict:
+    """One micro-batch's stats from every CP rank: 0-dim summed, [b, L/cp] gathered to [b, L]."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    out = {}
+    for key, v in st.items():
+        if not torch.is_tensor(v) or v.dim() not in (0, 2):
+            raise ValueError(f"under context parallelism loss_fn stats must be 0-dim or [b, L/cp] tensors; "
+                             f"{key!r} is {type(v).__name__} {tuple(getattr(v, 'shape', ()))}")
+        v = v.detach()
+        if v.dim() == 0:
+            v = v.clone()
+            torch.distributed.all_reduce(v, group=group)
+            out[key] = v
+        else:
+            out[key] = gather_sequence(v, 1, group)
+    return out
 
 
 def make_micro_batches(tokens: list[list[int]], prompt_lens: list[int], *, pad_id: int,
@@ -132,10 +185,12 @@ def make_micro_batches(tokens: list[list[int]], prompt_lens: list[int], *, pad_i
     """Pack sequences (prompt + response ids) into right-padded micro-batches under a token budget.
 
     Every sequence keeps its row number (`index`) so per-token results can be scattered back.
-    `uniform=True` (pipeline parallel) gives every micro-batch the same [b, L].
+    `uniform=True` (pipeline parallel) gives every micro-batch the same [b, L]. Lengths are padded
+    to a multiple of `pad_multiple` and of 2*CP (context parallelism's chunks).
     """
     if not tokens:
         return []
+    pad_multiple = math.lcm(pad_multiple, 2 * cp_size_and_rank()[0])
     lengths = [len(t) for t in tokens]
     longest = max(lengths)
     L_all = -(-longest // pad_multiple) * pad_multiple

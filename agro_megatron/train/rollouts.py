@@ -50,6 +50,8 @@ def prompt_indices(num_problems: int, prompts_per_step: int, step: int, seed: in
 
 def generate_samples(engine, prompts, answers, n, params, reward_fn, tokenizer, version: int) -> list[list[Sample]]:
     """Sample n responses per prompt with `engine` and score them."""
+    if not prompts:  # a context-parallel rank whose share of a small batch is empty
+        return []
     completions = engine.generate(prompts, n, params)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for row in completions for c in row]
     golds = [a for a in answers for _ in range(n)]

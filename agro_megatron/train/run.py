@@ -53,7 +53,9 @@ def make_context(cfg: JobConfig, reward_fn: Callable | None) -> RunContext:
         cfg=cfg, log_dir=log_dir, ckpt_dir=ckpt_dir, tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(), dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), is_last_stage=last,
-        is_logging_rank=last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0,
+        cp_size=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
+        is_logging_rank=(last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+                         and ps.get_context_parallel_rank() == 0),
         tokenizer=tokenizer, pad_id=tokenizer.pad_token_id or 0, stop_ids=tuple(stop_token_ids(tokenizer)),
         train_problems=train, heldout_problems=heldout,
         reward_fn=reward_fn or default_reward_fn(cfg), tokenizer_dir=tok_dir)
