@@ -72,11 +72,13 @@ def test_regimes_and_estimators_run(tmp_path, overrides):
         assert hist[0]["data/replay_fraction"] == 0.0  # nothing older than the start exists
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_e2e_parallel_layouts(tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2", "cp2"])
+def test_e2e_parallel_layouts(tmp_path, tp, pp, cp):
     outs = run_distributed(tc.run, 2, args=(str(tmp_path), "length_reward",
-                                            {"parallel.tp": tp, "parallel.pp": pp, "train.steps": 2}))
+                                            {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,
+                                             "train.steps": 2}))
     assert all(o["steps"] == 2 for o in outs)
+    assert all(o["layout"] == {"tp": tp, "pp": pp, "cp": cp, "dp": 2 // (tp * pp * cp)} for o in outs)
     assert ckpt.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("step_000002")
     assert os.listdir(tmp_path / "tensorboard")
     logging_ranks = [o for o in outs if o["losses"]]  # last pipeline stage, TP rank 0, DP rank 0

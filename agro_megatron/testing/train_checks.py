@@ -73,7 +73,8 @@ def run(log_dir: str, reward: str, overrides: dict) -> dict:
     trainer = result.pop("trainer")
     return {"stopped": result.get("stopped", False), "steps": result["steps"], "losses": _losses(trainer),
             "weights": _weights(trainer), "history": trainer.metrics.history,
-            "stale_flags": getattr(trainer, "last_on_policy", None)}
+            "stale_flags": getattr(trainer, "last_on_policy", None),
+            "layout": {"tp": trainer.ctx.tp, "pp": trainer.ctx.pp, "cp": trainer.ctx.cp_size, "dp": trainer.ctx.dp_size}}
 
 
 def run_killed_during_save(log_dir: str, kill_at_step: int) -> None:
