@@ -13,17 +13,18 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _run(tmp, reward="length_reward", world=1, **overrides):
-    tp, pp = int(overrides.get("parallel.tp", 1)), int(overrides.get("parallel.pp", 1))
     return run_distributed(tc.run, world, args=(str(tmp), reward, overrides))
 
 
-def test_resume_after_sigterm_is_bit_exact(tmp_path):
-    full = _run(tmp_path / "full")[0]
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_sigterm_is_bit_exact(tmp_path, dtype):
+    # bf16: megatron's mixed-precision optimizer (fp32 master weights) saved and restored
+    full = _run(tmp_path / "full", **{"model.dtype": dtype})[0]
     assert not full["stopped"] and full["steps"] == 4
-    stopped = _run(tmp_path / "split", reward="sigterm_on_third_call")[0]
+    stopped = _run(tmp_path / "split", reward="sigterm_on_third_call", **{"model.dtype": dtype})[0]
     # reward calls: eval-before, step 1, step 2 (signal) -> stops after step 2 with a checkpoint
     assert stopped["stopped"] and stopped["steps"] == 2
-    resumed = _run(tmp_path / "split")[0]
+    resumed = _run(tmp_path / "split", **{"model.dtype": dtype})[0]
     assert resumed["steps"] == 4
     assert resumed["losses"] == full["losses"]          # same losses, every step
     assert any(loss != 0.0 for _, loss in resumed["losses"])  # the run really learned something
@@ -84,3 +85,24 @@ def test_e2e_parallel_layouts(tmp_path, tp, pp, cp):
     logging_ranks = [o for o in outs if o["losses"]]  # last pipeline stage, TP rank 0, DP rank 0
     assert len(logging_ranks) == 1
     assert [s for s, _ in logging_ranks[0]["losses"]] == [1, 2]
+
+
+def test_paper_configs_run_shrunk_at_their_layout(tmp_path):
+    """Every examples/paper config runs through the trainer with what a CPU cannot have swapped
+    out (8B checkpoint, MATH files, vLLM: train_checks.SHRINK_PAPER) and the rest kept: TP=2, bf16,
+    the algorithm, regime and optimizer settings."""
+    import glob
+    import math
+
+    paths = sorted(p for p in glob.glob("examples/paper/*.yaml") if not p.endswith("llama3_8b_math.yaml"))
+    assert len(paths) == 7
+    outs = run_distributed(tc.run_paper_configs_shrunk, 2, args=(paths, str(tmp_path), 2))
+    runs = outs[0]  # rank 0: TP rank 0 of the only pipeline stage, the logging rank
+    assert sorted(runs) == sorted(os.path.basename(p)[:-5] for p in paths)
+    for name, r in runs.items():
+        assert r["steps"] == 2 and r["tp"] == 2 and r["dtype"] == "bf16", name
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"]), name
+        expected = 1.0 if r["regime"] == "offline" else 0.0  # offline samples are all off-policy
+        if r["regime"] != "replay":
+            assert r["replay_fraction"] == [expected, expected], name
+    assert runs["offline_kl_pg"]["estimator"] == "kl_pg" and runs["replay_agro_on"]["regime"] == "replay"

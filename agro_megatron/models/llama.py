@@ -263,6 +263,14 @@ def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int 
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
         rotary_base=int(arch.rope_theta), rotary_percent=1.0, parallel_output=True, vp_stage=vp_stage,
     )
+    # The local spec builds its RMSNorm weights in fp32 whatever params_dtype says (under TE they
+    # live inside the fused linears, in params_dtype). Megatron-LM's Float16Module would cast them;
+    # we cast here, so that every parameter has one dtype: megatron's mixed-precision optimizer
+    # only checkpoints the state of half-precision params (an fp32 one fails the save).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != config.params_dtype:
+                p.data = p.data.to(config.params_dtype)
     # megatron's built-in llama3 scaling hard-codes low/high_freq_factor and the original context;
     # install the exact frequencies for this config instead.
     model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)

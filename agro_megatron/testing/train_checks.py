@@ -93,3 +93,32 @@ def run_killed_during_save(log_dir: str, kill_at_step: int) -> None:
 
     dist_checkpointing.save = dying_save
     run_job(tiny_config(log_dir), reward_fn=length_reward)
+
+
+# Everything a paper config sets that a CPU test cannot have: the 8B checkpoint, MATH files, vLLM,
+# and the run length. The rest (TP layout, bf16, algorithm, regime, optimizer, n, temperature) is kept.
+SHRINK_PAPER = ["model.megatron_checkpoint=null", "data.train=synthetic", "data.heldout=synthetic",
+                "data.synthetic_train_size=32", "data.synthetic_heldout_size=4", "data.system_prompt=null",
+                "rollout.engine=native", "rollout.max_new_tokens=8", "train.prompts_per_step=4",
+                "train.micro_batch_tokens=512", "eval.max_problems=2", "eval.every=0", "logging.progress=false",
+                "logging.plots=false", "checkpoint.save_every=0", "checkpoint.resume=never",
+                "model.tiny={hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16}"]
+
+
+def run_paper_configs_shrunk(paths: list[str], root: str, steps: int) -> dict:
+    """Each paper config, shrunk (SHRINK_PAPER), through run_job in this process group."""
+    from agro_megatron.train.run import run_job
+
+    out = {}
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        cfg = JobConfig.load(path, SHRINK_PAPER + [f"logging.dir={root}/{name}", f"train.steps={steps}",
+                                                   f"algorithm.offline_data={root}/{name}/offline.jsonl"])
+        result = run_job(cfg, reward_fn=length_reward)
+        trainer = result.pop("trainer")
+        out[name] = {"steps": result["steps"], "tp": trainer.ctx.tp, "dtype": cfg.model.dtype,
+                     "estimator": cfg.algorithm.estimator, "regime": cfg.algorithm.regime,
+                     "losses": [r["train/loss"] for r in trainer.metrics.history if "train/loss" in r],
+                     "replay_fraction": [r["data/replay_fraction"] for r in trainer.metrics.history
+                                         if "data/replay_fraction" in r]}
+    return out
