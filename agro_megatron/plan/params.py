@@ -36,7 +36,8 @@ def rank_params(arch: LlamaArch, tp: int, pp: int, pp_rank: int, *, dtype_bytes:
     """This rank's parameters in megatron's order (all TP ranks of a stage hold the same sizes).
 
     spec="local": megatron's local layer spec as built on CPU here: separate `torch.nn.RMSNorm`
-    modules, created without a dtype, so their weights are fp32 whatever params_dtype is.
+    modules; megatron creates them in fp32, and models/llama.py:build_model casts them to
+    params_dtype (as Megatron-LM's Float16Module does), so the sizes equal TE's.
     spec="te": TransformerEngine (the GPU default): the RMSNorm weights are fused into linear_qkv /
     linear_fc1 as `layer_norm_weight`, in params_dtype. Their position in the order is assumed
     (it only moves the distributed optimizer's 64-element alignment padding; unvalidated on CPU).
@@ -48,7 +49,6 @@ def rank_params(arch: LlamaArch, tp: int, pp: int, pp_rank: int, *, dtype_bytes:
         raise ValueError(f"pp_rank={pp_rank} is outside 0..{pp - 1}")
     h, hd = arch.hidden_size, arch.head_dim
     vp = padded_vocab_size(arch.vocab_size, tp)
-    norm_bytes = 4 if spec == "local" else dtype_bytes
     first, last = pp_rank == 0, pp_rank == pp - 1
     tied = arch.tie_word_embeddings
     out: list[ParamTensor] = []
@@ -64,19 +64,19 @@ def rank_params(arch: LlamaArch, tp: int, pp: int, pp_rank: int, *, dtype_bytes:
     for i in range(arch.num_layers // pp):
         p = f"decoder.layers.{i}."
         if spec == "local":
-            add(p + "input_layernorm.weight", h, norm_bytes)
+            add(p + "input_layernorm.weight", h)
             add(p + "self_attention.linear_proj.weight", proj)
             add(p + "self_attention.linear_qkv.weight", qkv)
-            add(p + "pre_mlp_layernorm.weight", h, norm_bytes)
+            add(p + "pre_mlp_layernorm.weight", h)
         else:
             add(p + "self_attention.linear_proj.weight", proj)
-            add(p + "self_attention.linear_qkv.layer_norm_weight", h, norm_bytes)
+            add(p + "self_attention.linear_qkv.layer_norm_weight", h)
             add(p + "self_attention.linear_qkv.weight", qkv)
-            add(p + "mlp.linear_fc1.layer_norm_weight", h, norm_bytes)
+            add(p + "mlp.linear_fc1.layer_norm_weight", h)
         add(p + "mlp.linear_fc1.weight", 2 * ffn * h)
         add(p + "mlp.linear_fc2.weight", h * ffn)
     if last:
-        add("decoder.final_layernorm.weight", h, norm_bytes)
+        add("decoder.final_layernorm.weight", h)
         if not tied:
             add("output_layer.weight", vp // tp * h)
         elif pp > 1:  # the last stage keeps its own copy of the tied embedding
