@@ -12,12 +12,12 @@ Memory = peak bytes allocated by torch's CPU allocator during the step, above wh
 the larger of the two ranks at CP=2. Time = median over --reps (the slower rank).
 
 Two baselines, both measured in this run at CP=1:
-* `allgather`: the same attention core CP=2 uses (models/cp_attention.py, here over a group of
-  one), so the ratio isolates what splitting the sequence saves;
-* `megatron`: megatron-core's local DotProductAttention, what a CP=1 run uses without TE.
-Last line: `cp2_peak_mem_ratio=<CP=2 / allgather CP=1> vs_megatron=<CP=2 / megatron CP=1>
-time_ratio=<CP=2 / allgather CP=1>`; the memory target is <= 0.6 (ideal 0.5 plus the
-all-gathered keys and values).
+* `sdpa`: the same attention core (models/attention.py, the local spec's default), so the ratio
+  isolates what splitting the sequence saves;
+* `megatron`: megatron-core's own local DotProductAttention (which refuses CP > 1).
+Last line: `cp2_peak_mem_ratio=<CP=2 / sdpa CP=1> vs_megatron=<CP=2 / megatron CP=1>
+time_ratio=<CP=2 / sdpa CP=1>`; the memory target is <= 0.6 (ideal 0.5 plus the all-gathered
+keys and values).
 """
 from __future__ import annotations
 
@@ -42,13 +42,10 @@ def _step(seq_len: int, reps: int, attention: str) -> dict:
     from agro_megatron.testing.vocab_parallel_checks import peak_allocated_bytes
     from agro_megatron.train.pipeline import make_micro_batches, run_micro_batches
 
-    if attention == "allgather":  # our CP core even at CP=1 (all-gather over a group of one)
-        real = llama.layer_spec
-        llama.layer_spec = lambda use_te=None, cp=1: real(use_te=False, cp=2)
     arch = llama.LlamaArch(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                            num_kv_heads=2, head_dim=32, max_position_embeddings=seq_len + 8)
     torch.manual_seed(0)
-    model = llama.build_model(arch, dtype="fp32")
+    model = llama.build_model(arch, dtype="fp32", use_te=False, attention=attention)
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, arch.vocab_size, (seq_len,), generator=g).tolist()
     mbs = make_micro_batches([seq], [16], pad_id=0, max_tokens=seq_len + 16, uniform=False)
@@ -79,12 +76,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     res = {}
-    for name, world, attention in (("megatron_cp1", 1, "megatron"), ("allgather_cp1", 1, "allgather"),
-                                   ("allgather_cp2", 2, "allgather")):
+    for name, world, attention in (("megatron_cp1", 1, "megatron"), ("sdpa_cp1", 1, "sdpa"),
+                                   ("sdpa_cp2", 2, "sdpa")):
         out = run_distributed(_step, world, args=(args.seq, args.reps, attention), tp=1, cp=world)
         res[name] = {"peak": max(o["peak"] for o in out), "time": max(o["time"] for o in out)}
         print(f"{name:14s} peak_mb={res[name]['peak'] / 2**20:8.1f} step_s={res[name]['time']:.3f}", flush=True)
-    cp2, base, meg = res["allgather_cp2"], res["allgather_cp1"], res["megatron_cp1"]
+    cp2, base, meg = res["sdpa_cp2"], res["sdpa_cp1"], res["megatron_cp1"]
     print(f"cp2_peak_mem_ratio={cp2['peak'] / base['peak']:.3f} vs_megatron={cp2['peak'] / meg['peak']:.3f} "
           f"time_ratio={cp2['time'] / base['time']:.3f}")
 

@@ -190,13 +190,13 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
-def layer_spec(use_te: bool | None = None, cp: int = 1):
+def layer_spec(use_te: bool | None = None, attention: str = "sdpa"):
     """TransformerEngine layer spec when TE imports (GPU), megatron's local torch spec otherwise.
 
     Under TE the RMSNorm weights live inside linear_qkv / linear_fc1 (`layer_norm_weight`); under the
-    local spec they are separate modules. checkpoint/mapping.py knows both names. With context
-    parallelism (cp > 1) the local spec's attention core, which refuses CP, is replaced by
-    models/cp_attention.py (no parameters, so checkpoints are unchanged).
+    local spec they are separate modules. checkpoint/mapping.py knows both names. The local spec's
+    attention core is models/attention.py (`attention="sdpa"`: torch SDPA, context parallel) unless
+    `attention="megatron"` asks for megatron's own DotProductAttention (CP=1 only; benchmarks).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -204,11 +204,13 @@ def layer_spec(use_te: bool | None = None, cp: int = 1):
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    if cp > 1:
-        from agro_megatron.models.cp_attention import AllGatherCPAttention
+    if attention == "sdpa":
+        from agro_megatron.models.attention import CausalSDPAttention
 
         spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = AllGatherCPAttention
+        spec.submodules.self_attention.submodules.core_attention = CausalSDPAttention
+    elif attention != "megatron":
+        raise ValueError(f"attention={attention!r}: use 'sdpa' or 'megatron'")
     return spec
 
 
@@ -242,7 +244,8 @@ def transformer_config(arch: LlamaArch, *, tp: int = 1, pp: int = 1, cp: int = 1
 
 def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int | None = None,
                 dtype: str | torch.dtype = "fp32", pre_process: bool | None = None,
-                post_process: bool | None = None, use_te: bool | None = None, vp_stage: int | None = None):
+                post_process: bool | None = None, use_te: bool | None = None, vp_stage: int | None = None,
+                attention: str = "sdpa"):
     """A megatron-core GPTModel for this rank's pipeline stage (parallel state must be initialised)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -257,7 +260,7 @@ def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int 
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(use_te, cp=config.context_parallel_size),
+        config=config, transformer_layer_spec=layer_spec(use_te, attention=attention),
         vocab_size=padded_vocab_size(arch.vocab_size, tp), max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",

@@ -6,7 +6,7 @@ holds chunks r and 2*cp-1-r. Under causal attention the late chunks cost more th
 ones; pairing an early with a late chunk gives every rank the same amount of attention work.
 
 What crosses the CP group, and why it stays small:
-* attention (models/cp_attention.py, when TransformerEngine is absent): each rank all-gathers
+* attention (models/attention.py, when TransformerEngine is absent): each rank all-gathers
   the keys and values of its layer: [L, b, kv_heads/tp, head_dim], small under Llama-3's
   grouped-query attention (8 KV heads). This is the all-gather CP of the Llama-3 paper. Its
   backward sums the key/value gradients over the group and keeps this rank's rows.
