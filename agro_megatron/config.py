@@ -94,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 30
+    steps: int = 60
     prompts_per_step: int = 8
     micro_batch_tokens: int = 4096           # sequence-length budget per micro-batch
     seed: int = 1234
@@ -112,7 +112,7 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     every: int = 10                          # 0: only before and after training
-    n: int = 4
+    n: int = 16
     temperature: float = 1.0                 # 0 = greedy; the paper evaluates at the training temperature
     max_problems: int = 64
 
