@@ -37,6 +37,7 @@ from agro_megatron.testing.distributed import run_distributed  # noqa: E402
 def _step(seq_len: int, reps: int, attention: str) -> dict:
     import torch.distributed as dist
 
+    from agro_megatron.models import attention as attention_core
     from agro_megatron.models import llama
     from agro_megatron.ops import vocab_parallel_logprobs
     from agro_megatron.testing.vocab_parallel_checks import peak_allocated_bytes
@@ -56,6 +57,7 @@ def _step(seq_len: int, reps: int, attention: str) -> dict:
         return loss, {"loss": loss.detach()}
 
     def step():
+        attention_core._chunk_masks.cache_clear()  # count the CP masks in every step's peak
         model.zero_grad(set_to_none=True)
         run_micro_batches(model, mbs, loss_fn, forward_only=False)
 
