@@ -28,6 +28,8 @@ EXTRAS = {
         "hypothesis>=6.100",
         # transformers is the independent reference for Llama logits and the HF side.
         "transformers>=4.48,<5.20",
+        # the hf extra's loaders (saved dataset folders, hub sources) are tested too
+        "datasets>=2.19",
         "pyarrow>=15",
     ],
     "hf": ["transformers>=4.48,<5.20", "datasets>=2.19", "pyarrow>=15"],

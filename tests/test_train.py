@@ -16,11 +16,36 @@ def _run(tmp, reward="length_reward", world=1, **overrides):
     return run_distributed(tc.run, world, args=(str(tmp), reward, overrides))
 
 
+# Every scalar the trainer promises in TensorBoard each step (issue: Observability).
+STEP_SCALARS = [
+    "train/reward_mean", "train/reward_std", "train/accuracy", "train/response_length", "train/kl",
+    "train/kl_full_vocab", "train/entropy", "train/advantage_mean", "train/advantage_rms",
+    "train/pd_term_norm", "train/lr_term_norm", "train/grad_norm", "train/lr", "train/loss",
+    "perf/tokens_per_s", "time/rollout_s", "time/reward_s", "time/logprob_s", "time/train_s",
+    "time/sync_s", "data/replay_fraction",
+]
+
+
+def _tensorboard_scalars(log_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_after_sigterm_is_bit_exact(tmp_path, dtype):
     # bf16: megatron's mixed-precision optimizer (fp32 master weights) saved and restored
     full = _run(tmp_path / "full", **{"model.dtype": dtype})[0]
     assert not full["stopped"] and full["steps"] == 4
+    tb = _tensorboard_scalars(tmp_path / "full")
+    for tag in STEP_SCALARS:
+        assert [step for step, _ in tb.get(tag, [])] == [1, 2, 3, 4], tag
+    assert all(v > 0 for _, v in tb["time/rollout_s"] + tb["time/reward_s"] + tb["perf/tokens_per_s"])
+    # agro_on, fully on-policy: both parts of the gradient are live, nothing is replayed
+    assert all(v > 0 for _, v in tb["train/pd_term_norm"] + tb["train/lr_term_norm"])
+    assert all(v == 0 for _, v in tb["data/replay_fraction"])
     stopped = _run(tmp_path / "split", reward="sigterm_on_third_call", **{"model.dtype": dtype})[0]
     # reward calls: eval-before, step 1, step 2 (signal) -> stops after step 2 with a checkpoint
     assert stopped["stopped"] and stopped["steps"] == 2

@@ -97,7 +97,8 @@ class Trainer:
         probs = [ctx.train_problems[i] for i in idx]
         return [p.id for p in probs], [ctx.encode_prompt(p) for p in probs], [p.answer for p in probs]
 
-    def collect(self, step: int) -> StepSamples:
+    def collect(self, step: int, timings: dict | None = None) -> StepSamples:
+        """This step's samples; `timings` gets the generation and reward-scoring seconds."""
         c, ctx = self.cfg, self.ctx
         regime = c.algorithm.regime
         if regime == "offline":
@@ -117,7 +118,7 @@ class Trainer:
         # of them get the whole batch.
         share = slice(ctx.cp_rank, None, ctx.cp_size)
         samples = generate_samples(engine, prompts[share], answers[share], c.rollout.n, params, ctx.reward_fn,
-                                   ctx.tokenizer, version=step - behind)
+                                   ctx.tokenizer, version=step - behind, timings=timings)
         if ctx.cp_size > 1:
             from megatron.core import parallel_state as ps
 
@@ -261,8 +262,12 @@ class Trainer:
                                              for k, v in ctx.bundle.module.state_dict().items()
                                              if torch.is_tensor(v)})
                 self.stale_snapshots = self.stale_snapshots[-c.algorithm.staleness - 1:]
-            batch = self.collect(self.step)
+            timings = {}
+            batch = self.collect(self.step, timings)
             t_rollout = time.perf_counter()
+            # generation and scoring, measured inside collect; the rest (reading offline data,
+            # replay mixing, gathering over CP) counts as rollout time
+            reward_s = timings.get("reward_s", 0.0)
             rewards = batch.rewards
             reward_bad = not torch.isfinite(rewards).all()
             tok = self.score_sequences(batch) if not reward_bad else None
@@ -309,7 +314,8 @@ class Trainer:
             scalars = {**step_metrics, "train/loss": out["loss"], "train/grad_norm": out.get("grad_norm"),
                        "train/lr": ctx.bundle.optimizer.param_groups[0]["lr"],
                        "train/skipped": out["skipped"],
-                       "time/rollout_and_reward_s": t_rollout - t0, "time/logprob_s": t_logprob - t_rollout,
+                       "time/rollout_s": t_rollout - t0 - reward_s, "time/reward_s": reward_s,
+                       "time/logprob_s": t_logprob - t_rollout,
                        "time/train_s": t_train - t_logprob, "time/sync_s": t_sync - t_train,
                        "perf/tokens_per_s": n_tokens * ctx.dp_size / max(t_sync - t0, 1e-9),
                        "data/replay_fraction": 1.0 - batch.on_policy.float().mean().item()}
