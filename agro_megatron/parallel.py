@@ -84,6 +84,11 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"RANK={os.environ['RANK']} is set, but not {', '.join(missing)}: a partial "
+                           "launcher environment (left over from another job?). Launch with torchrun or srun, "
+                           "or unset RANK for a single-process run")
     backend = backend or platform.distributed_backend()
     if backend == "nccl":
         # modulo: a launcher that binds one GPU per task (srun --gpus-per-task) shows each task one device

@@ -6,7 +6,8 @@
 One SFT warm-up is trained first and shared (copied) by every run, so the algorithms start from
 the same reference and see identical settings (AGRO.md sec. 5). Each run is a normal agro-train
 job (its own directory, TensorBoard, checkpoints); the script overlays their curves in one PNG.
-Extra `key=value` arguments are passed to every run (e.g. train.steps=10).
+Extra `key=value` arguments are passed to every run (e.g. train.steps=10); `--only rloo,agro_on`
+runs a subset of the preset's algorithms.
 """
 from __future__ import annotations
 
@@ -37,8 +38,17 @@ def main(argv=None) -> int:
     ap.add_argument("preset", choices=sorted(PRESETS))
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "tiny_cpu.yaml"))
     ap.add_argument("--out", default=None, help="output directory (default runs/compare_<preset>)")
+    ap.add_argument("--only", default=None, help="comma-separated subset of the preset's algorithms")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after --out
+    algorithms = PRESETS[args.preset]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {name for name, _ in algorithms})
+        if unknown:
+            ap.error(f"--only: {', '.join(unknown)} not in the {args.preset} preset "
+                     f"(choose from {', '.join(name for name, _ in algorithms)})")
+        algorithms = [(name, opts) for name, opts in algorithms if name in wanted]
     out = os.path.abspath(args.out or f"runs/compare_{args.preset}")
     os.makedirs(out, exist_ok=True)
     train = [sys.executable, "-m", "agro_megatron.train", args.config]
@@ -49,7 +59,7 @@ def main(argv=None) -> int:
     if args.preset == "offline":
         extra = ["algorithm.regime=offline", f"algorithm.offline_data={os.path.join(out, 'offline_from_ref.jsonl')}"]
     curves = {}
-    for name, opts in PRESETS[args.preset]:
+    for name, opts in algorithms:
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)
         for item in ("sft_model", "tokenizer", "eval_before.json"):

@@ -71,23 +71,38 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_nan_reward_skips_step_and_repeated_failures_stop(tmp_path):
-    once = _run(tmp_path / "once", reward="nan_reward_on_second_call")[0]
+    out = run_distributed(tc.run_each, 1, args=(str(tmp_path), {
+        "once": ("nan_reward_on_second_call", {"checkpoint.save_every": 0}),
+        "always": ("always_nan_reward", {"checkpoint.save_every": 0})}))[0]
+    once = out["once"]
     skipped = [r["step"] for r in once["history"] if r.get("train/skipped") == 1.0]
     # reward calls: eval-before, then step 1 (NaN): step 1 is skipped, the run goes on
     assert skipped == [1] and once["steps"] == 4
-    always = _run(tmp_path / "always", reward="always_nan_reward")[0]
-    assert "consecutive steps had non-finite loss or reward" in always["error"]
+    assert "consecutive steps had non-finite loss or reward" in out["always"]["error"]
 
 
-@pytest.mark.parametrize("overrides", [
-    {"algorithm.regime": "replay", "algorithm.replay_p": 0.5, "data.synthetic_train_size": 4},
-    {"algorithm.regime": "stale", "algorithm.staleness": 2, "algorithm.estimator": "agro_off"},
-    {"algorithm.estimator": "kl_pg", "checkpoint.save_every": 0},
-    {"algorithm.token_estimator": "local_kl", "checkpoint.save_every": 0},
-    {"algorithm.epochs_per_batch": 2, "algorithm.logratio_reduction": "mean", "checkpoint.save_every": 0},
-], ids=["replay", "stale", "kl_pg", "local_kl", "epochs2_mean"])
-def test_regimes_and_estimators_run(tmp_path, overrides):
-    out = _run(tmp_path, **overrides)[0]
+REGIMES_AND_ESTIMATORS = {
+    "replay": {"algorithm.regime": "replay", "algorithm.replay_p": 0.5, "data.synthetic_train_size": 4},
+    "stale": {"algorithm.regime": "stale", "algorithm.staleness": 2, "algorithm.estimator": "agro_off"},
+    "kl_pg": {"algorithm.estimator": "kl_pg", "checkpoint.save_every": 0},
+    "local_kl": {"algorithm.token_estimator": "local_kl", "checkpoint.save_every": 0},
+    "epochs2_mean": {"algorithm.epochs_per_batch": 2, "algorithm.logratio_reduction": "mean",
+                     "checkpoint.save_every": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def regime_runs(tmp_path_factory):
+    """Every run of REGIMES_AND_ESTIMATORS, one after another in one launch."""
+    root = tmp_path_factory.mktemp("regimes")
+    runs = {name: ("length_reward", o) for name, o in REGIMES_AND_ESTIMATORS.items()}
+    return run_distributed(tc.run_each, 1, args=(str(root), runs))[0]
+
+
+@pytest.mark.parametrize("name", sorted(REGIMES_AND_ESTIMATORS))
+def test_regimes_and_estimators_run(regime_runs, name):
+    out, overrides = regime_runs[name], REGIMES_AND_ESTIMATORS[name]
+    assert "error" not in out, out.get("error")
     assert out["steps"] == 4
     hist = [r for r in out["history"] if "train/loss" in r]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in hist)

@@ -1,6 +1,6 @@
 """megatron-core on CPU processes (gloo). The only module that knows megatron was written for CUDA.
 
-megatron-core 0.16 assumes CUDA in five ways; each gets one shim, applied only when CUDA is absent:
+megatron-core 0.16 assumes CUDA in six ways; each gets one shim, applied only when CUDA is absent:
 
 1. `torch.cuda.*` calls (current_device, streams, events, synchronize, nvtx, RNG state). We replace
    those attributes of `torch.cuda` with CPU equivalents: streams/events become no-ops (CPU work is
@@ -17,6 +17,11 @@ megatron-core 0.16 assumes CUDA in five ways; each gets one shim, applied only w
 4. megatron's private `_get/_set_cuda_rng_state` act on the CPU generator.
 5. `clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'`; we install an
    equivalent that scales the grads in place without the device assertion.
+6. dist_checkpointing's writer gets its results queue from a "spawn" multiprocessing Manager (fork
+   is unsafe once CUDA is initialised): a server process, a fresh interpreter that re-imports the
+   main module (~3 s at the first save of every process, and left behind when a rank is killed).
+   Without CUDA we give it a plain queue: its only writers are the worker processes that the
+   (synchronous) save forks, and they inherit it.
 """
 from __future__ import annotations
 
@@ -293,6 +298,14 @@ def _patch_clip_grads() -> None:
             mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
 
+def _use_fork_for_checkpoint_results_queue() -> None:
+    import multiprocessing as mp
+
+    fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if getattr(fs, "_results_queue", "absent") is None:  # not created yet (and the attribute exists)
+        fs._results_queue = mp.get_context("fork").Queue()
+
+
 def apply() -> None:
     """Install every shim. Call before building megatron models (idempotent)."""
     _patch_torch_cuda()
@@ -304,4 +317,5 @@ def apply() -> None:
             pass
     _patch_clip_grads()
     _patch_megatron_rng()
+    _use_fork_for_checkpoint_results_queue()
     proxy_loaded_megatron_modules()

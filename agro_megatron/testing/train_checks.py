@@ -77,6 +77,15 @@ def run(log_dir: str, reward: str, overrides: dict) -> dict:
             "layout": {"tp": trainer.ctx.tp, "pp": trainer.ctx.pp, "cp": trainer.ctx.cp_size, "dp": trainer.ctx.dp_size}}
 
 
+def run_each(root: str, runs: dict) -> dict:
+    """Several `run` jobs, one after another in this process group: {name: (reward, overrides)}.
+
+    For tests that need independent short runs but not fresh processes (a launch costs more than
+    a tiny run); each run gets its own directory under `root`.
+    """
+    return {name: run(os.path.join(root, name), reward, overrides) for name, (reward, overrides) in runs.items()}
+
+
 def run_killed_during_save(log_dir: str, kill_at_step: int) -> None:
     """Run with save_every=1; die abruptly (os._exit, like SIGKILL) inside the save of `kill_at_step`."""
     from megatron.core import dist_checkpointing

@@ -32,7 +32,9 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     yield monkeypatch
     # parallel._env_from_slurm writes os.environ itself: undo that too, or later tests (and the
-    # subprocesses they start) would try to rendezvous with this test's made-up job
+    # subprocesses they start) would try to rendezvous with this test's made-up job. monkeypatch
+    # first: a setenv after _env_from_slurm recorded the value it wrote and would put it back.
+    monkeypatch.undo()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -112,6 +114,12 @@ def test_explicit_launcher_variables_win(clean_env):
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.1", "29500")
     clean_env.setenv("RANK", "0")  # torchrun inside srun: its variables are left alone
     assert not parallel._env_from_slurm()
+
+
+def test_partial_launcher_environment_is_refused_with_the_fix(clean_env):
+    clean_env.setenv("RANK", "1")  # e.g. left over in a shell; torch would only say WORLD_SIZE is missing
+    with pytest.raises(RuntimeError, match=r"is set, but not WORLD_SIZE, MASTER_ADDR, MASTER_PORT.*unset RANK"):
+        parallel.init_distributed()
 
 
 def test_agro_train_exit_status(monkeypatch):
