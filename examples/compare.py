@@ -78,20 +78,26 @@ def main(argv=None) -> int:
 
 
 def plot(curves: dict, path: str, title: str) -> str:
+    """2 x 2: held-out accuracy and train reward, each vs step and vs KL(pi || pi_ref)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    from agro_megatron.train.metrics import KL, KL_LABEL, SMOOTH, eval_vs_kl, moving_average
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for name, hist in curves.items():
-        tr = [r for r in hist if "train/reward_mean" in r]
+        tr = [r for r in hist if "train/reward_mean" in r and KL in r]
         ev = [r for r in hist if "eval/accuracy" in r]
-        axes[0].plot([r["step"] for r in tr], [r["train/reward_mean"] for r in tr], label=name)
-        axes[1].plot([r["step"] for r in ev], [r["eval/accuracy"] for r in ev], "o-", label=name)
-        axes[2].plot([r["train/kl"] for r in tr], [r["train/reward_mean"] for r in tr], ".-", label=name)
-    for ax, t, xl in zip(axes, ("train reward", "held-out accuracy", "reward vs KL(pi||pi_ref)"),
-                         ("step", "step", "KL per sequence")):
+        reward = moving_average([r["train/reward_mean"] for r in tr])
+        axes[0, 0].plot([r["step"] for r in ev], [r["eval/accuracy"] for r in ev], "o-", label=name)
+        axes[0, 1].plot(*eval_vs_kl(hist), "o-", label=name)
+        axes[1, 0].plot([r["step"] for r in tr], reward, label=name)
+        axes[1, 1].plot(moving_average([r[KL] for r in tr]), reward, ".-", alpha=0.7, label=name)
+    labels = [("held-out accuracy", "step"), ("held-out accuracy vs KL", KL_LABEL),
+              (f"train reward ({SMOOTH}-step mean)", "step"), ("train reward vs KL", KL_LABEL)]
+    for ax, (t, xl) in zip(axes.flat, labels):
         ax.set_title(f"{title}: {t}")
         ax.set_xlabel(xl)
         ax.legend()

@@ -323,7 +323,7 @@ class Trainer:
             self.metrics.log(self.step, scalars)
             progress.update(1)
             progress.set_postfix(reward=f"{step_metrics.get('train/reward_mean', float('nan')):.3f}",
-                                 kl=f"{step_metrics.get('train/kl', float('nan')):.3f}")
+                                 kl=f"{step_metrics.get('train/kl_full_vocab', float('nan')):.3f}")
             if c.eval.every and self.step % c.eval.every == 0 and self.step < total:
                 self.metrics.log(self.step, ctx.evaluate(prefix="eval"))
             stopping = self._any_rank_stopping()

@@ -54,7 +54,7 @@ class MetricsLogger:
             self._rewrite()
 
     def plot(self, path: str) -> str | None:
-        """Reward and held-out accuracy vs step, and vs KL(pi || pi_ref): one PNG."""
+        """Reward and held-out accuracy vs step and vs KL(pi || pi_ref), and KL vs step: one PNG."""
         if not self.enabled or not self.history:
             return None
         import matplotlib
@@ -62,31 +62,62 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        def series(key, x="step"):
-            pts = [(r[x], r[key]) for r in self.history if key in r and x in r]
-            return [p[0] for p in pts], [p[1] for p in pts]
+        train = [r for r in self.history if "train/reward_mean" in r and KL in r]
+        steps = [r["step"] for r in train]
+        reward = moving_average([r["train/reward_mean"] for r in train])
+        kl = moving_average([r[KL] for r in train])
+        evals = [r for r in self.history if "eval/accuracy" in r]
+        ev_steps, ev_acc = [r["step"] for r in evals], [r["eval/accuracy"] for r in evals]
+        ev_kl, ev_acc_kl = eval_vs_kl(self.history)
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        xs, ys = series("train/reward_mean")
-        axes[0].plot(xs, ys, label="train reward")
-        ex, ey = series("eval/accuracy")
-        if ex:
-            axes[0].plot(ex, ey, "o-", label="held-out accuracy")
+        axes[0].plot(steps, reward, label=f"train reward ({SMOOTH}-step mean)")
+        if ev_steps:
+            axes[0].plot(ev_steps, ev_acc, "o-", label="held-out accuracy")
         axes[0].set_xlabel("step")
         axes[0].set_title("reward / accuracy vs step")
         axes[0].legend()
-        kx, ky = series("train/reward_mean", x="train/kl")
-        steps = [r["step"] for r in self.history if "train/reward_mean" in r and "train/kl" in r]
-        sc = axes[1].scatter(kx, ky, c=steps, cmap="viridis", s=18)
-        fig.colorbar(sc, ax=axes[1], label="step")
-        axes[1].set_xlabel("KL(pi || pi_ref) per sequence")
-        axes[1].set_ylabel("train reward")
-        axes[1].set_title("reward vs KL")
-        lx, ly = series("train/kl")
-        axes[2].plot(lx, ly)
+        axes[1].plot(kl, reward, ".-", alpha=0.6, label=f"train reward ({SMOOTH}-step means)")
+        if ev_kl:
+            axes[1].plot(ev_kl, ev_acc_kl, "o-", label="held-out accuracy")
+        axes[1].set_xlabel(KL_LABEL)
+        axes[1].set_title("reward / accuracy vs KL")
+        axes[1].legend()
+        axes[2].plot(steps, [r[KL] for r in train])
         axes[2].set_xlabel("step")
-        axes[2].set_title("KL(pi || pi_ref)")
+        axes[2].set_title(KL_LABEL)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+# The KL plotted: the full-vocabulary sum along the sampled sequences. It is >= 0 and means the
+# same for replayed or offline samples; the sampled log-ratio (train/kl) estimates KL on-policy only.
+KL = "train/kl_full_vocab"
+KL_LABEL = "KL(pi || pi_ref) per sequence (full vocabulary)"
+SMOOTH = 5
+
+
+def moving_average(values: list[float], window: int = SMOOTH) -> list[float]:
+    """Trailing mean over up to `window` points (the first points average what exists)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1):i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def eval_vs_kl(history: list[dict]) -> tuple[list[float], list[float]]:
+    """(KL, held-out accuracy) at each evaluation: the mean KL of the training steps since the
+    previous evaluation (0 before training, where pi = pi_ref)."""
+    kls, accs, last = [], [], 0
+    by_step = {r["step"]: r[KL] for r in history if KL in r}
+    for r in history:
+        if "eval/accuracy" not in r:
+            continue
+        window = [by_step[s] for s in sorted(by_step) if last < s <= r["step"]]
+        kls.append(sum(window) / len(window) if window else 0.0)
+        accs.append(r["eval/accuracy"])
+        last = r["step"]
+    return kls, accs
