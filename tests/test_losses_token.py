@@ -273,3 +273,23 @@ def test_surrogate_loss_value_and_micro_batches():
         surrogate_loss(lp, A, mask, num_prompts=2)
     with pytest.raises(ValueError, match="needs beta >= 0"):
         surrogate_loss(lp, A, mask, kl_pg_token_kl=kl)
+
+
+def test_likelihood_ratio_term_only_for_on_policy_samples():
+    """A mixed group (fresh and replayed samples): the fresh ones get agro_on's advantage, the
+    others agro_off's, both computed over the whole group (the leave-one-out terms see all n)."""
+    g = torch.Generator().manual_seed(7)
+    P, n, Tn, beta = 3, 4, 5, 0.2
+    r = torch.rand(P, n, generator=g, dtype=F64)
+    lp = -2 * torch.rand(P, n, Tn, generator=g, dtype=F64)
+    ref = -2 * torch.rand(P, n, Tn, generator=g, dtype=F64)
+    mask = torch.rand(P, n, Tn, generator=g) > 0.2
+    on = torch.tensor([[True, False, True, False], [True] * 4, [False] * 4])
+    for te in ("vanilla", "causal"):
+        mixed = token_advantages("agro_on", r, lp, ref, mask, beta, token_estimator=te, on_policy=on)
+        a_on = token_advantages("agro_on", r, lp, ref, mask, beta, token_estimator=te)
+        a_off = token_advantages("agro_off", r, lp, ref, mask, beta, token_estimator=te)
+        assert torch.equal(mixed[on], a_on[on]) and torch.equal(mixed[~on], a_off[~on])
+        assert not torch.equal(a_on[on], a_off[on])  # the term is really there for fresh samples
+    with pytest.raises(ValueError, match=r"on_policy must have the rewards' shape \[prompts, n\] = \[3, 4\]"):
+        token_advantages("agro_on", r, lp, ref, mask, beta, on_policy=on[:, :2])

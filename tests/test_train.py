@@ -113,7 +113,41 @@ def test_regimes_and_estimators_run(regime_runs, name):
         assert hist[0]["data/replay_fraction"] == 0.0  # nothing older than the start exists
 
 
-@pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2", "cp2"])
+# The README's main command, shortened (fewer SFT and RL steps, fewer eval samples), launched the
+# way a user does on one node: torchrun, 2 ranks, at TP=2 and at PP=2.
+DEMO_SHORT = ["sft.steps=20", "train.steps=2", "eval.every=1", "eval.n=2", "eval.max_problems=6",
+              "rollout.n=2", "train.prompts_per_step=2", "checkpoint.save_every=1", "logging.progress=false"]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_demo_command_at_tp2_and_pp2(tmp_path, tp, pp):
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "agro_megatron.train", "examples/tiny_cpu.yaml", f"parallel.tp={tp}", f"parallel.pp={pp}",
+           f"logging.dir={tmp_path}", *DEMO_SHORT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    m = re.fullmatch(r"heldout_accuracy before=(\d\.\d{4}) after=(\d\.\d{4})", lines[-1])
+    assert m, lines[-5:]
+    assert sum(line.startswith("heldout_accuracy") for line in lines) == 1  # one logging rank
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (f"{result['before']:.4f}", f"{result['after']:.4f}") == m.groups()
+    assert result["layout"] == {"tp": tp, "pp": pp, "cp": 1, "dp": 1} and result["steps"] == 2
+    assert (tmp_path / "sft_model").is_dir()  # the SFT stage ran first
+    assert ckpt.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("step_000002")
+    with open(tmp_path / "training.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "eval/accuracy" in r] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("tp,pp,cp", [(1, 1, 1), (1, 1, 2)], ids=["dp2", "cp2"])
 def test_e2e_parallel_layouts(tmp_path, tp, pp, cp):
     outs = run_distributed(tc.run, 2, args=(str(tmp_path), "length_reward",
                                             {"parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,

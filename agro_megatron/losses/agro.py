@@ -190,7 +190,8 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
                      token_ref_logprobs: Tensor | None, mask: Tensor, beta: float, *,
                      token_estimator: str = "vanilla", token_kl: Tensor | None = None,
                      lr_baseline: str = "loo_var", lr_coef: float = 1.0,
-                     logratio_reduction: str = "sum", return_parts: bool = False):
+                     logratio_reduction: str = "sum", on_policy: Tensor | None = None,
+                     return_parts: bool = False):
     """Per-token advantages A_{i,t} of shape [P, n, T] (0 where ``mask`` is 0).
 
     Inputs: ``rewards`` [P, n]; ``token_logprobs``/``token_ref_logprobs`` [P, n, T] (log pi
@@ -220,6 +221,11 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
     For the "mean" reduction the LR coefficient stays c/(2 beta): the exact -(1/beta_eff)
     grad L_on for fixed length T (beta_eff = beta/T) needs ``lr_coef=T``.
 
+    ``on_policy`` [P, n] bool (default: all True) marks the samples drawn from the current
+    policy. agro_on's likelihood-ratio term is an expectation under pi, so samples marked False
+    (replayed, stale, offline) get agro_off's advantage: the term is dropped for them only. It
+    stays valid for the others, whose leave-one-out baseline v_i may use any other samples.
+
     ``pg``/``kl_pg`` have no log-ratio term: their A_i is broadcast, only ``vanilla`` is
     accepted, and token log-probs may be None. ``return_parts=True`` returns (pd, lr) tokens.
     """
@@ -245,6 +251,9 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
         _check_shape("token_ref_logprobs", token_ref_logprobs, mask.shape, estimator)
     if token_estimator == "local_kl":
         _check_shape("token_kl", token_kl, mask.shape, "token_estimator='local_kl'")
+    if on_policy is not None and tuple(on_policy.shape) != tuple(rewards.shape):
+        raise ValueError(f"on_policy must have the rewards' shape [prompts, n] = {list(rewards.shape)}, "
+                         f"got {list(on_policy.shape)}")
     out_dt, dt = _dtypes(rewards, token_logprobs, token_ref_logprobs)
 
     with torch.no_grad():
@@ -258,6 +267,8 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
             L = l.sum(-1) if scale is None else l.sum(-1) / scale
         pd, lr = _sequence_parts(estimator, rewards.detach().to(dt), L, beta, lr_baseline,
                                  lr_coef)
+        if on_policy is not None:
+            lr = torch.where(on_policy.to(lr.device).bool(), lr, 0.0)
         pd_t = pd.unsqueeze(-1).expand_as(m)
         if token_estimator != "vanilla":
             if token_estimator == "causal":

@@ -189,10 +189,8 @@ class Trainer:
         pd, lr = losses.token_advantages(
             a.estimator, batch.rewards, tok["logp"], tok["ref_logp"], tok["mask"], a.beta,
             token_estimator=a.token_estimator, token_kl=tok["kl"], lr_baseline=a.lr_baseline,
-            lr_coef=a.lr_coef, logratio_reduction=a.logratio_reduction, return_parts=True)
-        # The likelihood-ratio term needs on-policy samples: replayed/stale/offline ones get agro_off.
-        on = batch.on_policy.to(lr.dtype).unsqueeze(-1)
-        lr = lr * on
+            lr_coef=a.lr_coef, logratio_reduction=a.logratio_reduction, on_policy=batch.on_policy,
+            return_parts=True)
         return pd + lr, pd, lr
 
     # ------------------------------------------------------------------ one optimizer step

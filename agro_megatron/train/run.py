@@ -174,6 +174,7 @@ def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
     trainer.metrics.log(trainer.step, after)
     trainer.metrics.close()
     result = {"steps": trainer.step, "before": before.get("eval/accuracy"), "after": after.get("eval/accuracy"),
+              "layout": {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp_size, "dp": ctx.dp_size},
               "log_dir": ctx.log_dir, "final_model": str(final)}
     if ctx.is_logging_rank:
         if cfg.logging.plots:
