@@ -27,3 +27,12 @@ def test_layout_matches_tp1(reference, tp, pp):
         assert rank_result["bf16"]["grad_rel_err"] < 0.05
     assert last["bf16"]["logit_err"] < 0.05
     assert last["bf16"]["loss_err"] < 0.02
+
+
+
+def test_checkpoint_results_queue_hands_back_what_was_put():
+    """Shim 6: megatron's synchronous save puts the writers' results on its queue and reads them
+    back at once with get_nowait. A multiprocessing.Queue loses that race (its put returns before
+    a feeder thread has written the item): agro-train failed with 'results_queue should not be
+    empty' at the 7th save of the demo."""
+    assert run_distributed(checks.checkpoint_results_queue_round_trips, 1, args=(20,), tp=1, pp=1)[0] == 20

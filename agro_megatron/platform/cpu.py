@@ -20,8 +20,10 @@ megatron-core 0.16 assumes CUDA in six ways; each gets one shim, applied only wh
 6. dist_checkpointing's writer gets its results queue from a "spawn" multiprocessing Manager (fork
    is unsafe once CUDA is initialised): a server process, a fresh interpreter that re-imports the
    main module (~3 s at the first save of every process, and left behind when a rank is killed).
-   Without CUDA we give it a plain queue: its only writers are the worker processes that the
-   (synchronous) save forks, and they inherit it.
+   Our saves are synchronous: the forked writers hand their results to the saving process, which
+   puts them on this queue and reads them back itself. So without CUDA a thread queue does
+   (a multiprocessing.Queue does not: its put returns before a background thread has written the
+   item, and the immediate get_nowait lost that race now and then).
 """
 from __future__ import annotations
 
@@ -298,12 +300,12 @@ def _patch_clip_grads() -> None:
             mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
 
-def _use_fork_for_checkpoint_results_queue() -> None:
-    import multiprocessing as mp
+def _in_process_checkpoint_results_queue() -> None:
+    import queue
 
     fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
     if getattr(fs, "_results_queue", "absent") is None:  # not created yet (and the attribute exists)
-        fs._results_queue = mp.get_context("fork").Queue()
+        fs._results_queue = queue.Queue()
 
 
 def apply() -> None:
@@ -317,5 +319,5 @@ def apply() -> None:
             pass
     _patch_clip_grads()
     _patch_megatron_rng()
-    _use_fork_for_checkpoint_results_queue()
+    _in_process_checkpoint_results_queue()
     proxy_loaded_megatron_modules()

@@ -133,3 +133,23 @@ def compare_layout(path: str) -> dict:
             entry["loss_err"] = abs(loss - r["loss"])
         result[dtype_name] = entry
     return result
+
+
+
+def checkpoint_results_queue_round_trips(count: int) -> int:
+    """How many of `count` large results, put on dist_checkpointing's writer results queue, the
+    saving process can take back at once with get_nowait, as megatron's synchronous save does."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    q = filesystem_async._get_write_results_queue()
+    payload = {i: torch.zeros(1 << 18) for i in range(4)}  # ~4 MB: far beyond a pipe's buffer
+    got = 0
+    for _ in range(count):
+        q.put(payload)
+        try:
+            got += len(q.get_nowait()) == len(payload)
+        except queue.Empty:
+            pass
+    return got
