@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from agro_megatron.testing.distributed import launcher_free_env
+
 pytestmark = pytest.mark.slow
 
 TINY = ["model.tiny={hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 16}",
@@ -22,10 +24,8 @@ TINY = ["model.tiny={hidden_size: 64, intermediate_size: 128, num_layers: 2, num
 
 def _compare(preset, out, *extra):
     # a plain shell's environment: no launcher variables, so every run is a world of one
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "examples/compare.py", preset, "--out", str(out), *extra, *TINY],
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=900, env=launcher_free_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -1,36 +1,30 @@
 """The user's path end to end: HF Llama-3 folder -> agro-convert import -> agro-train (TP=2, resharded)
 -> the trained policy -> agro-convert export -> transformers loads it; agro-eval --model scores it."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from agro_megatron.testing.distributed import run_distributed
+from agro_megatron.testing.distributed import launcher_free_env, run_distributed
 from agro_megatron.testing.product_checks import train_from_converted
 from agro_megatron.testing.tiny_llama import write_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-# The CLIs below are fresh single-process launches: no rendezvous variables from this process.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-ENV = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-
 
 def test_convert_train_export_eval(tmp_path):
     hf = write_tiny_llama(tmp_path / "hf", vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
                           tokenizer=True)
     conv = tmp_path / "megatron"
     subprocess.run([sys.executable, "-m", "agro_megatron.cli.convert", "import", "--hf", str(hf), "--out",
-                    str(conv), "--tp", "1", "--pp", "1", "--quiet"], check=True, env=ENV)
+                    str(conv), "--tp", "1", "--pp", "1", "--quiet"], check=True, env=launcher_free_env())
     out = run_distributed(train_from_converted, 2, args=(str(conv), str(tmp_path / "run"), 2))
     assert all(o["steps"] == 2 for o in out)
     final = out[0]["final_model"]
     exported = tmp_path / "hf_trained"
     subprocess.run([sys.executable, "-m", "agro_megatron.cli.convert", "export", "--megatron", final,
-                    "--out", str(exported), "--quiet"], check=True, env=ENV)
+                    "--out", str(exported), "--quiet"], check=True, env=launcher_free_env())
     from transformers import LlamaForCausalLM
 
     before = LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
@@ -43,7 +37,7 @@ def test_convert_train_export_eval(tmp_path):
     res = tmp_path / "eval.json"
     subprocess.run([sys.executable, "-m", "agro_megatron.cli.eval", "--data", "examples/data/math_sample.jsonl",
                     "--limit", "3", "--model", final, "--n", "2", "--max-new-tokens", "8", "--out", str(res),
-                    "--no-progress"], check=True, env=ENV, timeout=600)
+                    "--no-progress"], check=True, env=launcher_free_env(), timeout=600)
     report = json.loads(res.read_text())
     acc = report["overall"]["accuracy"]
     assert 0.0 <= acc <= 1.0 and report["overall"]["num_samples"] == 6

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agro_megatron.testing import train_checks as tc
-from agro_megatron.testing.distributed import run_distributed
+from agro_megatron.testing.distributed import launcher_free_env, run_distributed
 from agro_megatron.train import state as ckpt
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -125,12 +125,10 @@ def test_demo_command_at_tp2_and_pp2(tmp_path, tp, pp):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "agro_megatron.train", "examples/tiny_cpu.yaml", f"parallel.tp={tp}", f"parallel.pp={pp}",
            f"logging.dir={tmp_path}", *DEMO_SHORT]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launcher_free_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     m = re.fullmatch(r"heldout_accuracy before=(\d\.\d{4}) after=(\d\.\d{4})", lines[-1])

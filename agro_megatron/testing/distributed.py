@@ -29,6 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_free_env() -> dict:
+    """This process's environment without torchrun/srun rendezvous variables: for starting a
+    fresh command as a plain shell would (a single-process CLI, or torchrun's own launch)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+
+
 def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, cp, seed, result_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

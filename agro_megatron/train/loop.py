@@ -98,7 +98,7 @@ class Trainer:
         return [p.id for p in probs], [ctx.encode_prompt(p) for p in probs], [p.answer for p in probs]
 
     def collect(self, step: int, timings: dict | None = None) -> StepSamples:
-        """This step's samples; `timings` gets the generation and reward-scoring seconds."""
+        """This step's samples; `timings` gets the reward-scoring seconds ("reward_s")."""
         c, ctx = self.cfg, self.ctx
         regime = c.algorithm.regime
         if regime == "offline":
@@ -263,8 +263,8 @@ class Trainer:
             timings = {}
             batch = self.collect(self.step, timings)
             t_rollout = time.perf_counter()
-            # generation and scoring, measured inside collect; the rest (reading offline data,
-            # replay mixing, gathering over CP) counts as rollout time
+            # scoring is timed inside collect; the rest (generation, reading offline data, replay
+            # mixing, gathering over CP) counts as rollout time
             reward_s = timings.get("reward_s", 0.0)
             rewards = batch.rewards
             reward_bad = not torch.isfinite(rewards).all()

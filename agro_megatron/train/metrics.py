@@ -112,11 +112,11 @@ def eval_vs_kl(history: list[dict]) -> tuple[list[float], list[float]]:
     """(KL, held-out accuracy) at each evaluation: the mean KL of the training steps since the
     previous evaluation (0 before training, where pi = pi_ref)."""
     kls, accs, last = [], [], 0
-    by_step = {r["step"]: r[KL] for r in history if KL in r}
+    train = sorted((r["step"], r[KL]) for r in history if KL in r)
     for r in history:
         if "eval/accuracy" not in r:
             continue
-        window = [by_step[s] for s in sorted(by_step) if last < s <= r["step"]]
+        window = [kl for step, kl in train if last < step <= r["step"]]
         kls.append(sum(window) / len(window) if window else 0.0)
         accs.append(r["eval/accuracy"])
         last = r["step"]

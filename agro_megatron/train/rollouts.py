@@ -53,19 +53,18 @@ def generate_samples(engine, prompts, answers, n, params, reward_fn, tokenizer, 
                      timings: dict | None = None) -> list[list[Sample]]:
     """Sample n responses per prompt with `engine` and score them.
 
-    `timings`, when given, gets the seconds spent generating ("rollout_s") and scoring ("reward_s").
+    `timings`, when given, gets the seconds spent scoring ("reward_s"): the caller's rollout time
+    is its own wall time less that.
     """
     if not prompts:  # a context-parallel rank whose share of a small batch is empty
         return []
-    t0 = time.perf_counter()
     completions = engine.generate(prompts, n, params)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for row in completions for c in row]
     golds = [a for a in answers for _ in range(n)]
     rewards = reward_fn(texts, golds)
     if timings is not None:
-        timings["rollout_s"] = timings.get("rollout_s", 0.0) + t1 - t0
-        timings["reward_s"] = timings.get("reward_s", 0.0) + time.perf_counter() - t1
+        timings["reward_s"] = timings.get("reward_s", 0.0) + time.perf_counter() - t0
     out, k = [], 0
     for row in completions:
         group = []
