@@ -202,7 +202,9 @@ def layer_spec(use_te: bool | None = None, attention: str = "sdpa"):
 
     use_te = te_available() if use_te is None else use_te
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # TE's spec takes no `normalization`: its fused norm+linear layers read RMSNorm from
+        # TransformerConfig.normalization (set in transformer_config below).
+        return specs.get_gpt_layer_with_transformer_engine_spec()
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "sdpa":
         from agro_megatron.models.attention import CausalSDPAttention
@@ -274,7 +276,13 @@ def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int 
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != config.params_dtype:
                 p.data = p.data.to(config.params_dtype)
+    # One device for the whole model, as Megatron-LM's get_model does with .cuda(current_device):
+    # with CUDA and without TE, megatron's local spec builds torch.nn.RMSNorm on the CPU while its
+    # linear layers are on the GPU. A no-op on CPU.
+    from agro_megatron import platform
+
+    model.to(platform.device())
     # megatron's built-in llama3 scaling hard-codes low/high_freq_factor and the original context;
     # install the exact frequencies for this config instead.
-    model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+    model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(platform.device())  # a plain attribute
     return model

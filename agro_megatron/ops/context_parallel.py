@@ -72,7 +72,7 @@ def gather_sequence(local: torch.Tensor, dim: int, group=None) -> torch.Tensor:
 def _reduce_scatter_rows(full: torch.Tensor, world: int, rank: int, group) -> torch.Tensor:
     """Sum `full` [world * s, ...] (rank-ordered blocks) over the group; return this rank's block."""
     s = full.shape[0] // world
-    if dist.get_backend(group) == "nccl":
+    if full.is_cuda:  # NCCL serves CUDA tensors (platform.distributed_backend) and has reduce-scatter
         out = torch.empty_like(full[:s])
         dist.reduce_scatter_tensor(out, full.contiguous(), group=group)
         return out

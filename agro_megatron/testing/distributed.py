@@ -38,7 +38,7 @@ def launcher_free_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
 
 
-def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, cp, seed, result_dir):
+def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, cp, seed, result_dir, backend="gloo"):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -52,7 +52,7 @@ def _worker(rank, world_size, port, fn, args, kwargs, tp, pp, cp, seed, result_d
         torch.set_num_threads(1)
         from agro_megatron import parallel
 
-        parallel.init_distributed(backend="gloo")
+        parallel.init_distributed(backend=backend)
         if tp is not None or pp is not None or cp is not None:
             parallel.init_model_parallel(tp=tp or 1, pp=pp or 1, cp=cp or 1, seed=seed)
         out = fn(*args, **kwargs)
@@ -77,15 +77,19 @@ def run_distributed(
     cp: int | None = None,
     seed: int = 1234,
     timeout_s: float = 600,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return per-rank results.
+
+    `backend`: the default group's backend string; "cpu:gloo,cuda:gloo" runs the per-device form
+    that platform.distributed_backend uses with CUDA ("cpu:gloo,cuda:nccl"), on CPU.
 
     Raises RuntimeError carrying every failing rank's traceback.
     """
     with tempfile.TemporaryDirectory(prefix="agro_dist_") as result_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, free_port(), fn, tuple(args), dict(kwargs or {}), tp, pp, cp, seed, result_dir),
+            args=(world_size, free_port(), fn, tuple(args), dict(kwargs or {}), tp, pp, cp, seed, result_dir, backend),
             nprocs=world_size, join=False, start_method="spawn",
         )
         import time

@@ -153,3 +153,20 @@ def checkpoint_results_queue_round_trips(count: int) -> int:
         except queue.Empty:
             pass
     return got
+
+
+def model_devices_when_platform_names(device_name: str) -> list[str]:
+    """Device types of every parameter, buffer and the RoPE frequencies of a model built while
+    the platform layer names `device_name` as the model device (e.g. "meta" standing in for CUDA)."""
+    import torch
+
+    from agro_megatron import platform
+    from agro_megatron.models.llama import LlamaArch, build_model
+
+    platform.device = lambda: torch.device(device_name)
+    arch = LlamaArch(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8)
+    model = build_model(arch)
+    devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    devices.add(model.rotary_pos_emb.inv_freq.device.type)
+    return sorted(devices)

@@ -131,3 +131,24 @@ def run_paper_configs_shrunk(paths: list[str], root: str, steps: int) -> dict:
                      "replay_fraction": [r["data/replay_fraction"] for r in trainer.metrics.history
                                          if "data/replay_fraction" in r]}
     return out
+
+
+def run_strict(log_dir: str, overrides: dict, backend: str | None = None, fake_vllm: bool = False) -> dict:
+    """run_job under StrictCollectives (the GPU device rule replayed on CPU); optionally with the
+    stand-in vLLM installed as `vllm`. Returns the violations, the calling modules and the count."""
+    import contextlib
+
+    from agro_megatron.testing.strict_collectives import StrictCollectives
+    from agro_megatron.train.run import run_job
+
+    stand_in = contextlib.nullcontext()
+    if fake_vllm:
+        from agro_megatron.testing import fake_vllm as fv
+
+        stand_in = fv.install()
+    with stand_in, StrictCollectives(backend) as strict:
+        result = run_job(tiny_config(log_dir, **overrides), reward_fn=length_reward)
+    result.pop("trainer", None)
+    return {"violations": [f"{c.function} {c.devices} {c.backend} {c.caller} ours={c.our_caller}"
+                           for c in strict.violations],
+            "callers": sorted(strict.callers()), "calls": len(strict.calls), "steps": result.get("steps")}

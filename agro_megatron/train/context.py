@@ -40,7 +40,6 @@ class RunContext:
     bundle: Any = None
     engine: Any = None
     behaviour_model: Any = None
-    behaviour_engine: Any = None
     offline_path: str | None = None
     _paired: Any = None
 

@@ -113,7 +113,9 @@ class Trainer:
         if regime == "stale" and c.algorithm.staleness > 0 and len(self.stale_snapshots) > 1:
             behind = len(self.stale_snapshots) - 1  # snapshots[-1] is the current policy
             ctx.behaviour_model.load_state_dict(self.stale_snapshots[0], strict=False)
-            engine = ctx.behaviour_engine
+            # One engine (vLLM allows one sleep-mode engine per process): it samples this step
+            # from the old weights, and the step's update_weights gives it the policy back.
+            engine.update_weights(ctx.behaviour_model)
         # Context parallel ranks hold the same weights: each samples every cp-th prompt, then all
         # of them get the whole batch.
         share = slice(ctx.cp_rank, None, ctx.cp_size)
@@ -262,6 +264,8 @@ class Trainer:
                 self.stale_snapshots = self.stale_snapshots[-c.algorithm.staleness - 1:]
             timings = {}
             batch = self.collect(self.step, timings)
+            # Training starts: the engine releases its memory until update_weights wakes it.
+            ctx.engine.sleep()
             t_rollout = time.perf_counter()
             # scoring is timed inside collect; the rest (generation, reading offline data, replay
             # mixing, gathering over CP) counts as rollout time
