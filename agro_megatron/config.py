@@ -36,6 +36,13 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     dp: int | None = None                    # None: world_size // (tp * pp * cp)
+    # Process-group timeout: how long any collective (barrier, all-reduce) waits for the slowest rank
+    # before the job fails. Applied when the process group is created (setup_job).
+    timeout_minutes: float = 30.0
+    # Bound for work that rank 0 does alone while the others wait on the filesystem instead of in a
+    # collective (start-up conversion of model.hf_checkpoint: a 70B model can take well over
+    # timeout_minutes); past it the waiting ranks stop with RankZeroWorkTimeout.
+    long_work_timeout_minutes: float = 360.0
 
 
 @dataclass
@@ -90,6 +97,15 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     schedule: str = "constant"               # constant | cosine | linear
+    # Share (0..1) of this rank's optimizer state (fp32 master + Adam moments) that lives and is
+    # updated on the host for the whole run: megatron-core's optimizer_cpu_offload (its
+    # HybridDeviceOptimizer inside the precision-aware distributed optimizer, also at DP=1); what
+    # `agro-plan --optimizer-offload-fraction` models. 0: off. Needs model.dtype=bf16.
+    offload_fraction: float = 0.0
+    # Free the gradient buffers and park the (device part of the) optimizer state in host memory
+    # while the rollout engine generates and takes the new weights; back before scoring and
+    # training (train/offload.py). What `agro-plan --offload-train-state` models.
+    offload_train_state: bool = False
 
 
 @dataclass
@@ -180,6 +196,11 @@ class JobConfig:
         _one_of("rollout.engine", r.engine, ("native", "vllm"))
         _one_of("model.dtype", self.model.dtype, ("fp32", "bf16"))
         _one_of("optim.schedule", self.optim.schedule, ("constant", "cosine", "linear"))
+        if not 0.0 <= self.optim.offload_fraction <= 1.0 or (self.optim.offload_fraction > 0
+                                                              and self.model.dtype != "bf16"):
+            raise ConfigError(f"optim.offload_fraction={self.optim.offload_fraction} must be in [0, 1], and > 0 "
+                              "needs model.dtype=bf16 (megatron-core's optimizer CPU offload keeps fp32 masters "
+                              "of 16-bit weights; it cannot take an fp32 model's parameters)")
         if r.n < 2:
             raise ConfigError(f"rollout.n={r.n}: AGRO's leave-one-out baseline needs at least 2 "
                               "responses per prompt; set rollout.n >= 2")
@@ -207,6 +228,9 @@ class JobConfig:
                 raise ConfigError(f"data.{key}={v!r} does not exist: fix the path")
         if min(p.tp, p.pp, p.cp) < 1:
             raise ConfigError("parallel.tp/pp/cp must all be >= 1")
+        for key in ("timeout_minutes", "long_work_timeout_minutes"):
+            if not getattr(p, key) > 0:
+                raise ConfigError(f"parallel.{key}={getattr(p, key)} must be > 0 (minutes)")
         if world_size is not None:
             mp = p.tp * p.pp * p.cp
             dp = p.dp if p.dp is not None else world_size // mp

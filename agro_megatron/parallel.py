@@ -11,6 +11,7 @@ import random
 import re
 import socket
 from datetime import timedelta
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,8 +75,16 @@ def _env_from_slurm() -> bool:
     return True
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
-    """Initialise the default process group (a 1-process group when not launched distributed)."""
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30) -> None:
+    """Initialise the default process group (a 1-process group when not launched distributed).
+
+    timeout_minutes: how long any collective of the group may wait for the slowest rank before it
+    fails (jobs: `parallel.timeout_minutes`). Work that only one rank does for longer (rank 0
+    converting a 70B HF checkpoint) must not sit behind a collective: see `run_on_rank0`.
+    """
+    if not (isinstance(timeout_minutes, (int, float)) and timeout_minutes > 0):
+        raise ValueError(f"timeout_minutes={timeout_minutes!r}: the process-group timeout must be a number of "
+                         "minutes > 0 (parallel.timeout_minutes)")
     if dist.is_initialized():
         return
     from_slurm = _env_from_slurm()
@@ -101,6 +110,76 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
               f"master {e['MASTER_ADDR']}:{e['MASTER_PORT']}", flush=True)
 
 
+class RankZeroWorkFailed(RuntimeError):
+    """Rank 0's single-rank work (see run_on_rank0) failed; the ranks waiting for it stop with this."""
+
+
+class RankZeroWorkTimeout(TimeoutError):
+    """Rank 0's single-rank work did not finish within parallel.long_work_timeout_minutes."""
+
+
+def run_on_rank0(work: Callable[[], object], *, done: str | os.PathLike, failed: str | os.PathLike, what: str,
+                 limit_minutes: float, poll_s: float = 1.0, report_every_s: float = 60.0) -> None:
+    """Run `work()` on rank 0 alone while the other ranks wait for it on the filesystem, not in a collective.
+
+    A collective fails after the process-group timeout (parallel.timeout_minutes), which long
+    single-rank work can exceed (rank 0 converting a 70B HF checkpoint at start-up). So: one short
+    barrier (every rank is here; rank 0 has removed a `failed` marker left by an earlier launch);
+    rank 0 runs `work`, which must leave the file `done` (also when it had nothing to do); the other
+    ranks poll for `done` (a shared filesystem, as the run directory is), printing progress every
+    `report_every_s`, for at most `limit_minutes` (parallel.long_work_timeout_minutes), then raise
+    RankZeroWorkTimeout. If `work` raises, rank 0 writes the error into `failed` and re-raises; the
+    waiting ranks then raise RankZeroWorkFailed at their next poll instead of waiting out the bound.
+    Then one barrier. Every rank must call this, without deciding on its own that nothing is to be
+    done: a file one node sees may not be visible on another yet. `what` reads after "rank 0", e.g.
+    "to convert HF into OUT".
+    """
+    import time
+
+    done, failed = os.fspath(done), os.fspath(failed)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        work()
+        return
+    me = dist.get_rank()
+    if me == 0 and os.path.exists(failed):
+        os.remove(failed)
+    dist.barrier()
+    if me == 0:
+        try:
+            work()
+            if not os.path.exists(done):
+                raise RankZeroWorkFailed(f"rank 0 returned from the work {what} without writing {done}")
+        except BaseException as e:
+            tmp = f"{failed}.tmp-{os.getpid()}"
+            os.makedirs(os.path.dirname(os.path.abspath(failed)), exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(f"{type(e).__name__}: {e}\n")
+            os.replace(tmp, failed)  # whole, or not there: a waiting rank never reads half a message
+            raise
+    else:
+        start = time.monotonic()
+        deadline, next_report = start + limit_minutes * 60, start
+        report = me == 1 or os.environ.get("LOCAL_RANK") == "0"  # one line per node, not per rank
+        while not os.path.exists(done):
+            if os.path.exists(failed):
+                with open(failed) as f:
+                    reason = f.read().strip()
+                raise RankZeroWorkFailed(f"rank {me}: rank 0 failed {what}: {reason} (its traceback is in rank "
+                                         f"0's log; marker {failed}); fix that and relaunch")
+            now = time.monotonic()
+            if now >= deadline:
+                raise RankZeroWorkTimeout(
+                    f"rank {me}: waited {limit_minutes:g} min for rank 0 {what} and {done} did not appear: if "
+                    "rank 0 is still working (see its log), raise parallel.long_work_timeout_minutes; if it "
+                    f"finished, {os.path.dirname(os.path.abspath(done))} is not on a filesystem every node shares")
+            if report and now >= next_report:
+                print(f"[rank {me}] waiting for rank 0 {what} ({(now - start) / 60:.1f} of at most "
+                      f"{limit_minutes:g} min, parallel.long_work_timeout_minutes)", flush=True)
+                next_report = now + report_every_s
+            time.sleep(min(poll_s, deadline - now))
+    dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and, via megatron's tracker, the TP-aware CUDA/CPU RNG)."""
     random.seed(seed)
@@ -109,8 +188,11 @@ def seed_everything(seed: int) -> None:
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
-                        virtual_pp: int | None = None) -> None:
-    """Initialise megatron-core's parallel state (TP x PP x CP x DP over the world)."""
+                        virtual_pp: int | None = None, timeout_minutes: float = 30) -> None:
+    """Initialise megatron-core's parallel state (TP x PP x CP x DP over the world).
+
+    timeout_minutes: the collective timeout of megatron's groups (TP, PP, DP, CP, ...), like the
+    default group's (parallel.timeout_minutes)."""
     platform.apply()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -125,6 +207,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         context_parallel_size=cp, virtual_pipeline_model_parallel_size=virtual_pp,
+        distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
     # Same seed on every rank: with use_cpu_initialization megatron builds the full master

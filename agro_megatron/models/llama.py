@@ -286,3 +286,25 @@ def build_model(arch: LlamaArch, config=None, *, tp: int | None = None, pp: int 
     # install the exact frequencies for this config instead.
     model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(platform.device())  # a plain attribute
     return model
+
+
+def layer_spec_kind(model: torch.nn.Module) -> str:
+    """Which layer spec built `model` (a GPTModel, or a wrapper around one): "<spec>/<attention core>".
+
+    spec: "te" when TransformerEngine modules are present or a fused linear (linear_qkv / linear_fc1)
+    holds the RMSNorm weight (`layer_norm_weight`), "local" otherwise. Attention core: "sdpa"
+    (models/attention.py), "megatron" (DotProductAttention), "te" (TEDotProductAttention), else the
+    class name; "none" without layers. Read from the modules themselves, not from what TE's presence
+    would choose today; train/state.py records it in trainer checkpoints.
+    """
+    te_prefixes = ("transformer_engine", "megatron.core.extensions.transformer_engine")
+    cores = {"CausalSDPAttention": "sdpa", "DotProductAttention": "megatron", "TEDotProductAttention": "te"}
+    te, core = False, None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if type(module).__module__.startswith(te_prefixes) or (
+                leaf in ("linear_qkv", "linear_fc1") and "layer_norm_weight" in module._parameters):
+            te = True
+        if leaf == "core_attention" and core is None:
+            core = cores.get(type(module).__name__, type(module).__name__)
+    return f"{'te' if te else 'local'}/{core or 'none'}"

@@ -85,13 +85,25 @@ def _starting_weights(ctx: RunContext, module) -> None:
 
 
 def converted_hf_checkpoint(ctx: RunContext) -> str:
-    """model.hf_checkpoint converted once (by rank 0, streaming) into <logging.dir>/converted."""
-    from agro_megatron.checkpoint.convert import import_hf
+    """model.hf_checkpoint converted once (by rank 0, streaming) into <logging.dir>/converted.
 
-    out = os.path.join(ctx.log_dir, "converted")
-    if dist.get_rank() == 0 and not os.path.exists(out):
-        import_hf(ctx.cfg.model.hf_checkpoint, out, tp=1, pp=1, dtype=ctx.cfg.model.dtype)
-    dist.barrier()
+    A 70B conversion outlasts the process-group timeout, so the other ranks wait for it on the
+    filesystem (parallel.run_on_rank0, bounded by parallel.long_work_timeout_minutes), not in a
+    barrier; if it fails they stop with RankZeroWorkFailed.
+    """
+    from agro_megatron.checkpoint.convert import META_NAME, import_hf
+
+    hf, out = ctx.cfg.model.hf_checkpoint, os.path.join(ctx.log_dir, "converted")
+    done = os.path.join(out, META_NAME)  # import_hf writes it last, then renames the finished dir into place
+
+    def convert():
+        if not os.path.exists(done):
+            print(f"[rank 0] converting {hf} into {out} (once)", flush=True)
+            import_hf(hf, out, tp=1, pp=1, dtype=ctx.cfg.model.dtype)
+
+    parallel.run_on_rank0(convert, done=done, failed=os.path.join(ctx.log_dir, "converted.FAILED"),
+                          what=f"to convert {hf} into {out}",
+                          limit_minutes=ctx.cfg.parallel.long_work_timeout_minutes)
     return out
 
 
@@ -114,13 +126,20 @@ def run_sft_stage(ctx: RunContext) -> str | None:
     return path
 
 
-def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> RunContext:
-    """Process groups, data, SFT warm-up (once), policy + reference + optimizer, rollout engine."""
-    parallel.init_distributed()
+def start_job(cfg: JobConfig, reward_fn: Callable | None = None) -> RunContext:
+    """Process groups (timeouts from parallel.*), the world-size check, megatron's parallel state,
+    then the run's context: the first half of every job (agro-train, agro-sft)."""
+    cfg.validate()  # before the process group: its timeout is parallel.timeout_minutes
+    parallel.init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
     cfg.validate(world_size=dist.get_world_size())
     p = cfg.parallel
-    parallel.init_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
-    ctx = make_context(cfg, reward_fn)
+    parallel.init_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
+    return make_context(cfg, reward_fn)
+
+
+def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> RunContext:
+    """Process groups, data, SFT warm-up (once), policy + reference + optimizer, rollout engine."""
+    ctx = start_job(cfg, reward_fn)
     sft_path = run_sft_stage(ctx)
 
     bundle = build_policy(cfg, ctx.arch, lr=cfg.optim.lr, total_steps=cfg.train.steps, with_reference=False)
@@ -134,9 +153,9 @@ def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> RunContex
     if cfg.algorithm.regime == "stale" and cfg.algorithm.staleness > 0:
         from agro_megatron.models.llama import build_model
 
+        # the stale weights' host: the trainer loads a snapshot into it and pushes it into ctx.engine
         ctx.behaviour_model = build_model(ctx.arch, dtype=cfg.model.dtype)
         copy_weights(ctx.behaviour_model, bundle.module)
-        ctx.behaviour_engine = _make_engine(ctx, ctx.behaviour_model)
     if cfg.algorithm.regime == "offline":
         ctx.offline_path = cfg.algorithm.offline_data
         ensure_offline_data(ctx)

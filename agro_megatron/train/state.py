@@ -4,6 +4,7 @@ Layout of `<dir>/step_000123/`:
     state/                 megatron dist_checkpointing (torch_dist) of {"model", "optimizer"}: one tree,
                            as megatron expects (the optimizer's sharding refers to the model's)
     rank_00003.pt          per-rank state: RNG states, replay buffer, counters, scheduler, metrics
+    trainer_checkpoint.json  the model's layer spec ("local/sdpa", "te/te"): load refuses another spec
     COMPLETE               written last; a directory without it is not a checkpoint
 Saves go to `step_000123.tmp-<pid>` and are renamed by rank 0 after every rank finished, so a
 kill at any moment leaves the previous checkpoint intact (the stale .tmp is removed next save).
@@ -11,6 +12,7 @@ kill at any moment leaves the previous checkpoint intact (the stale .tmp is remo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -20,7 +22,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from agro_megatron.checkpoint.errors import IncompatibleCheckpointError
+
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+META_NAME = "trainer_checkpoint.json"
+
+
+class CheckpointSpecMismatch(IncompatibleCheckpointError):
+    """A trainer checkpoint written by a model of another layer spec (TransformerEngine vs local)."""
 
 
 def rng_state() -> dict:
@@ -122,6 +131,7 @@ def save_model(model: torch.nn.Module, path: str) -> None:
 
     with _atomic_dir(path) as tmp:
         dist_checkpointing.save(model_sharded_state(model), tmp)
+        _write_layer_spec(tmp, model)
 
 
 def load_model(model: torch.nn.Module, path: str) -> None:
@@ -129,6 +139,7 @@ def load_model(model: torch.nn.Module, path: str) -> None:
 
     if not os.path.exists(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"{path} is not a complete model checkpoint (no COMPLETE marker)")
+    check_layer_spec(path, model)
     state = dist_checkpointing.load(model_sharded_state(model), path)
     model.load_state_dict(state, strict=True)
 
@@ -151,6 +162,7 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, 
         _barrier()
         dist_checkpointing.save({"model": model_sd, "optimizer": opt_sd}, os.path.join(tmp, "state"))
         torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
+        _write_layer_spec(tmp, model)
     if _rank() == 0:
         for old in list_checkpoints(root)[:-max(keep_last, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -158,10 +170,50 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, 
     return final
 
 
+def _write_layer_spec(directory: str, model: torch.nn.Module) -> None:
+    """Record the model's layer spec beside its sharded weights (rank 0; see check_layer_spec)."""
+    if _rank() == 0:
+        from agro_megatron.models import llama
+
+        with open(os.path.join(directory, META_NAME), "w") as f:
+            json.dump({"layer_spec": llama.layer_spec_kind(model)}, f)
+
+
+def check_layer_spec(path: str, model: torch.nn.Module) -> None:
+    """Raise CheckpointSpecMismatch unless `model` has the layer spec the checkpoint at `path` was saved with.
+
+    The local and the TransformerEngine spec name the model's sharded keys differently (TE fuses the
+    RMSNorm weights into linear_qkv / linear_fc1) and may order the parameters differently in the
+    gradient buffer, which the distributed optimizer's dp_reshardable state follows. Only the spec
+    part ("te" / "local") is compared: the attention cores have no parameters or state.
+    """
+    from agro_megatron.models import llama
+
+    meta_path = os.path.join(path, META_NAME)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            saved = json.load(f)["layer_spec"]
+        recorded = "recorded"
+    else:  # written before the record existed: every earlier run was CPU-only, i.e. the local spec
+        saved, recorded = "local", f"assumed: no {META_NAME}, written by an older agro-megatron (CPU runs only)"
+    running = llama.layer_spec_kind(model)
+    if saved.split("/")[0] != running.split("/")[0]:
+        raise CheckpointSpecMismatch(
+            f"{path} was saved by a model built with the {saved!r} layer spec ({recorded}), but this run's "
+            f"model uses {running!r} ('te': TransformerEngine, on a GPU with transformer-engine installed; "
+            "'local': megatron-core's torch layers). Parameter names and the distributed optimizer's buffer "
+            "layout differ between the specs, so the run cannot resume from it. Resume on the same software "
+            "stack as the run that wrote it, or start a fresh RL run from the spec-independent final_model "
+            "(<logging.dir>/final_model, or `agro-convert import` of its HF export) with "
+            "model.megatron_checkpoint=<it> and checkpoint.resume=never (an sft_model: run the SFT stage "
+            "again in a fresh logging.dir). Nothing was loaded.")
+
+
 def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer from `path`; return this rank's saved state."""
     from megatron.core import dist_checkpointing
 
+    check_layer_spec(path, model)  # before anything is read into the model or the optimizer
     model_sd = model_sharded_state(model)
     opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, os.path.join(path, "state"))

@@ -1,0 +1,77 @@
+"""`agro-sft CONFIG.yaml [key=value ...]`: only the SFT warm-up stage of a job.
+
+Trains cfg.sft.steps steps from the job's starting weights and saves the model where agro-train
+looks for it, <logging.dir>/sft_model, so a later `agro-train` of the same config (and logging.dir)
+skips SFT and starts RL from it. When that model already exists nothing is trained. The last
+line printed is the model's path. Multi-process: torchrun --nproc-per-node N -m agro_megatron.cli.sft ...
+
+Exit status: 0 done, 2 bad configuration (or launcher environment).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nOverrides use dotted keys, e.g. sft.steps=100 logging.dir=runs/x.")
+        return 0
+    config = None
+    if argv and "=" not in argv[0]:
+        config = argv.pop(0)  # without a file, the built-in defaults are the tiny CPU demo
+    import warnings
+
+    # the same optional-dependency notices agro-train silences (README: Installing)
+    for pattern in (r".*(Apex|Transformer Engine).* not installed.*", r".*full scope is deprecated.*",
+                    r".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    from agro_megatron.config import ConfigError, JobConfig
+
+    try:
+        cfg = JobConfig.load(config, argv)
+        cfg.validate()
+        if cfg.sft.steps <= 0:
+            raise ConfigError(f"sft.steps={cfg.sft.steps}: agro-sft runs the SFT warm-up only and has nothing "
+                              "to train; set sft.steps > 0 (e.g. sft.steps=300), or run agro-train, which "
+                              "skips SFT when sft.steps=0")
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"agro-sft: {e}", file=sys.stderr)
+        return 2
+    from agro_megatron import parallel
+
+    try:
+        try:
+            parallel.init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
+        except RuntimeError as e:  # a partial launcher environment; the message says the fix
+            print(f"agro-sft: {e}", file=sys.stderr)
+            return 2
+        path = run_sft_only(cfg)
+        first = parallel.rank() == 0
+    except ConfigError as e:
+        print(f"agro-sft: {e}", file=sys.stderr)
+        return 2
+    finally:
+        try:
+            parallel.destroy()
+        except Exception:
+            pass
+    if first:
+        print(path, flush=True)  # after every rank finished: the last line
+    return 0
+
+
+def run_sft_only(cfg) -> str:
+    """agro-train's start-up (train/run.py start_job) and its SFT stage; returns the model's path
+    once every rank finished."""
+    import torch.distributed as dist
+
+    from agro_megatron.train.run import run_sft_stage, start_job
+
+    path = run_sft_stage(start_job(cfg))
+    dist.barrier()
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
