@@ -82,6 +82,10 @@ class RolloutEngine(Protocol):
         """Re-acquire what `sleep` released, before `update_weights` / `generate`."""
         ...
 
+    def close(self) -> None:
+        """Release the engine for good (the end of a job)."""
+        ...
+
 
 def validate_prompts(prompts: Sequence[Sequence[int]], n: int, vocab_size: int | None) -> list[list[int]]:
     """Check the batch the protocol accepts and return it as lists of Python ints."""

@@ -105,6 +105,9 @@ class NativeEngine:
     def wake(self) -> None:
         """No-op (see `sleep`)."""
 
+    def close(self) -> None:
+        """No-op: the engine holds nothing of its own between calls."""
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:

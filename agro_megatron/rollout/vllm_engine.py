@@ -214,9 +214,10 @@ class VLLMEngine:
             dtype=_DTYPE_NAMES[self.dtype], load_format="dummy", seed=seed, max_model_len=self.max_model_len,
             logprobs_mode="processed_logprobs", enable_prefix_caching=enable_prefix_caching,
             generation_config="vllm", enforce_eager=(not gpu) if enforce_eager is None else enforce_eager,
+            enable_sleep_mode=self._sleep.enabled,  # the one decision (_Sleep: vLLM's platform says)
         )
         if gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep.enabled)
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         kwargs.update(llm_kwargs or {})
         t0 = time.perf_counter()
         try:

@@ -152,3 +152,73 @@ def run_strict(log_dir: str, overrides: dict, backend: str | None = None, fake_v
     return {"violations": [f"{c.function} {c.devices} {c.backend} {c.caller} ours={c.our_caller}"
                            for c in strict.violations],
             "callers": sorted(strict.callers()), "calls": len(strict.calls), "steps": result.get("steps")}
+
+
+# A model vLLM's CPU attention accepts (head_dim >= 64), for runs with the vLLM stand-in.
+VLLM_TINY = "{hidden_size: 128, intermediate_size: 256, num_layers: 2, num_heads: 2, num_kv_heads: 1, head_dim: 64}"
+
+
+def _embedding_fingerprint(weight: torch.Tensor, vocab: int) -> float:
+    return float(weight[:vocab].double().sum())
+
+
+def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
+    """run_job for each {name: overrides} with rollout.engine=vllm against the vLLM stand-in
+    (testing/fake_vllm.py, emulating a GPU platform, so sleep mode is on and its rules enforced).
+
+    Each run returns the stand-in's event log, and for every rollout the fingerprint of the weights
+    the engine sampled from next to the fingerprint of the weights the regime says it should have
+    sampled from (the stale regime: the snapshot k versions back; every other regime: the policy).
+    A run whose name ends in "+resume" continues the run named before the "+" in the same dir.
+    """
+    from agro_megatron.testing import fake_vllm as fv
+    from agro_megatron.train import loop
+    from agro_megatron.train.run import run_job
+
+    out: dict = {}
+    with fv.install(platform="cuda"):
+        record_generate = fv.EngineRecord.generate
+        rollouts: list = []
+        current: dict = {}
+
+        def generate(self, *args, **kwargs):
+            emb = self._model.get_input_embeddings().weight
+            current.setdefault("used", []).append(_embedding_fingerprint(emb, emb.shape[0]))
+            return record_generate(self, *args, **kwargs)
+
+        original_collect = loop.Trainer.collect
+
+        def collect(self, step, timings=None):
+            vocab = self.ctx.arch.vocab_size
+            snaps = getattr(self, "stale_snapshots", [])
+            policy = _embedding_fingerprint(self.ctx.bundle.module.embedding.word_embeddings.weight, vocab)
+            expected = policy
+            if self.cfg.algorithm.regime == "stale" and len(snaps) > 1:
+                expected = _embedding_fingerprint(snaps[0]["embedding.word_embeddings.weight"], vocab)
+            current.clear()
+            batch = original_collect(self, step, timings)
+            rollouts.append({"step": step, "expected": expected, "policy": policy,
+                             "used": list(current.get("used", []))})
+            return batch
+
+        fv.EngineRecord.generate = generate
+        loop.Trainer.collect = collect
+        try:
+            for name, overrides in runs.items():
+                log_dir = os.path.join(root, name.split("+")[0])
+                rollouts.clear()
+                first_engine = len(fv.instances())
+                cfg_overrides = {"rollout.engine": "vllm", "model.tiny": VLLM_TINY, **overrides}
+                result = run_job(tiny_config(log_dir, **cfg_overrides), reward_fn=length_reward)
+                result.pop("trainer", None)
+                engines = fv.instances()[first_engine:]
+                out[name] = {"steps": result.get("steps"), "before": result.get("before"), "after": result.get("after"),
+                             "rollouts": list(rollouts),
+                             "events": [list(e.events) for e in engines],
+                             "sleep_mode": [e.sleep_mode for e in engines],
+                             "rejected": [list(e.rejected) for e in engines],
+                             "shut_down": [e.shut_down for e in engines]}
+        finally:
+            fv.EngineRecord.generate = record_generate
+            loop.Trainer.collect = original_collect
+    return out

@@ -86,6 +86,8 @@ class Trainer:
         self.stale_snapshots = st["stale"]
         self.metrics.restore(st["metrics"])
         ckpt.set_rng_state(st["rng"])
+        # the engine was built from the starting weights: a vLLM engine holds its own copy
+        self.ctx.engine.update_weights(self.ctx.bundle.module)
         self.ctx.print(f"resumed from {path} at step {self.step}")
         return True
 

@@ -165,6 +165,14 @@ def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> RunContex
 def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
     """Run the whole job on this process (a rank of a torchrun/srun launch, or alone)."""
     ctx = setup_job(cfg, reward_fn=reward_fn)
+    try:
+        return _train_and_evaluate(ctx)
+    finally:
+        ctx.engine.close()  # vLLM allows one sleep-mode engine per process: release it with the job
+
+
+def _train_and_evaluate(ctx: RunContext) -> dict:
+    cfg = ctx.cfg
     before_path = os.path.join(ctx.log_dir, "eval_before.json")
     if os.path.exists(before_path):
         with open(before_path) as f:
