@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true", help="DDP buckets of max(40M, 1M*DP)")
     g.add_argument("--full-vocab-kl", action="store_true", help="kl_pg / local_kl: reference logits in the loss")
     g.add_argument("--loss-chunk-tokens", type=int, default=1024)
-    g.add_argument("--offload-train-state", action="store_true", help="grads + optimizer on the host during rollout")
+    g.add_argument("--offload-train-state", action="store_true",
+                   help="free the grads and park the optimizer state on the host during rollout and "
+                   "weight sync (trainer: optim.offload_train_state=true)")
     g.add_argument("--optimizer-offload-fraction", type=float, default=0.0,
-                   help="megatron optimizer_cpu_offload: share of the optimizer on the host")
+                   help="megatron optimizer_cpu_offload: share of the optimizer (fp32 master + Adam "
+                   "moments) kept and updated on the host (trainer: optim.offload_fraction; bf16)")
     g.add_argument("--no-reference", action="store_true", help="no resident reference model")
     g.add_argument("--spec", choices=("te", "local"), default="te", help="layer spec: te (GPU) or local")
     g = p.add_argument_group("the RL step")

@@ -3,11 +3,13 @@
 Policy weights / grads / optimizer states are exact (`params.py`). Everything else is an estimate
 whose assumptions sit beside its formula. The step's phases and what is resident in each:
 
-    rollout : policy state (grads + optimizer on the host with --offload-train-state) + reference
-              + the engine awake (vLLM: weights + its whole KV budget + overhead; native: its KV)
+    rollout : policy state + reference + the engine awake (vLLM: weights + its whole KV budget +
+              overhead; native: its KV). With --offload-train-state (trainer:
+              optim.offload_train_state, train/offload.py) the grad buffers are freed (their values
+              are dead between steps) and the optimizer state on the GPU is parked in host memory.
     sync    : vLLM only. As in rollout/ (issue 5) the engine wakes its weights, takes the new
               weights through a staging bucket, and only then wakes its KV cache: weights + bucket
-              (sleep level 0: the KV cache never left).
+              (sleep level 0: the KV cache never left). Train state as in rollout.
     logprob : reference and policy forward passes (no grad): one layer's working set per stage +
               the last stage's logits and the loss op's chunk temporaries + engine residue
     train   : 1F1B forward/backward: stored activations + loss buffers + engine residue
@@ -94,7 +96,7 @@ def logits_bytes(inp: PlanInput, mbs: int) -> int:
 
 
 def loss_chunk_bytes(inp: PlanInput) -> int:
-    """The vocab-parallel op's fp32 temporaries for one token chunk (AGRO.md sec. 4): softmax
+    """The vocab-parallel op's fp32 temporaries for one token chunk (docs/algorithm.md §6): softmax
     probabilities, log-probabilities and the logits gradient of the chunk, [chunk, V/TP] each."""
     L = inp.layout
     return 3 * 4 * inp.train.loss_chunk_tokens * padded_vocab_size(inp.arch.vocab_size, L.tp) // L.tp
@@ -159,7 +161,8 @@ def policy_state(inp: PlanInput, pp_rank: int):
         return _STATE_CACHE[key]
     params = rank_params(inp.arch, L.tp, L.pp, pp_rank, dtype_bytes=t.dtype_bytes, spec=t.spec)
     dpcp = L.dp_size * L.cp   # megatron reduces / shards over the DP x CP group
-    dist = t.distributed_optimizer and dpcp > 1
+    # the trainer uses the distributed optimizer when DP x CP > 1, and always with optimizer offload
+    dist = t.distributed_optimizer and (dpcp > 1 or t.optimizer_offload_fraction > 0)
     bucket = default_bucket_size(dpcp, pp_rank, t.overlap_grad_reduce)
     states = [rank_state(params, dpcp, r, distributed_optimizer=dist, grad_reduce_in_fp32=t.grad_reduce_in_fp32,
                          bucket_size=bucket) for r in (range(dpcp) if dist else [0])]
@@ -182,8 +185,10 @@ def stage_memory(inp: PlanInput, pp_rank: int, mbs: int | None = None,
     fwd = layer_activation_bytes(inp, mbs) + ((logits_bytes(inp, mbs) + loss_chunk_bytes(inp)) if last else 0)
     capacity = inp.gpu.memory_bytes
     reserve = int(e.reserve_gib * GiB)
-    # megatron's optimizer_cpu_offload keeps a fraction of the optimizer (fp32 master + moments)
-    # on the host for the whole run (HybridDeviceOptimizer); the rest stays on the GPU.
+    # megatron's optimizer_cpu_offload (trainer: optim.offload_fraction) keeps a fraction of the
+    # optimizer (fp32 master + moments) on the host for the whole run (HybridDeviceOptimizer in the
+    # precision-aware distributed optimizer); the rest stays on the GPU. It also keeps a pinned fp32
+    # copy of those elements' grads on the host.
     f = t.optimizer_offload_fraction
     opt_gpu = int(st.optimizer_bytes * (1 - f))
     train_state = st.param_bytes + st.grad_bytes + opt_gpu
@@ -210,9 +215,10 @@ def stage_memory(inp: PlanInput, pp_rank: int, mbs: int | None = None,
     phases = {k: sum(v.values()) for k, v in parts.items()}
     peak_phase = max(phases, key=phases.get)
     peak = int(phases[peak_phase] * (1 + e.fragmentation)) + reserve
-    host = (st.grad_bytes + opt_gpu if t.offload_train_state else 0) + (st.optimizer_bytes - opt_gpu) + (
+    host_numel = int(st.optimizer_numel * f)
+    host = (opt_gpu if t.offload_train_state else 0) + (st.optimizer_bytes - opt_gpu) + 4 * host_numel + (
         engine.weights_per_gpu if (r.engine == "vllm" and r.sleep_level == 1) else 0)
-    return StageMemory(pp_rank, st.param_bytes, st.grad_bytes, opt_gpu, int(st.optimizer_numel * f), ref, act, loss,
+    return StageMemory(pp_rank, st.param_bytes, st.grad_bytes, opt_gpu, host_numel, ref, act, loss,
                        engine.weights_per_gpu, engine.kv_budget, engine.overhead, bucket,
                        phases, parts, peak_phase, peak, capacity, host)
 

@@ -69,9 +69,11 @@ class TrainOptions:
     spec: str = "te"                      # te (GPU) | local (megatron's torch spec; CPU)
     full_vocab_kl: bool = False           # kl_pg / local_kl: reference logits beside the policy's
     loss_chunk_tokens: int = 1024         # the vocab-parallel op processes tokens in chunks
-    offload_train_state: bool = False     # grads + optimizer states on the host during rollout
+    offload_train_state: bool = False     # rollout + weight sync: grads freed, optimizer state on the
+                                          # host (trainer: optim.offload_train_state)
     optimizer_offload_fraction: float = 0.0  # megatron's optimizer_cpu_offload: share of the
                                              # optimizer (fp32 master + moments) kept on the host
+                                             # (trainer: optim.offload_fraction; bf16 weights)
     reference_resident: bool = True       # the frozen reference stays on the GPU (same layout)
 
     def sp(self, tp: int) -> bool:
@@ -157,6 +159,9 @@ class PlanInput:
         f = self.train.optimizer_offload_fraction
         if not 0.0 <= f <= 1.0:
             raise ValueError(f"--optimizer-offload-fraction {f} must be in [0, 1]")
+        if f > 0 and (self.train.dtype_bytes != 2 or not self.train.distributed_optimizer):
+            raise ValueError(f"--optimizer-offload-fraction {f}: megatron's optimizer CPU offload needs 16-bit "
+                             "weights and the distributed optimizer (drop --no-distributed-optimizer)")
         if self.train.spec not in ("te", "local"):
             raise ValueError(f"spec={self.train.spec!r}: use te or local")
         return self

@@ -162,12 +162,14 @@ def step_time(inp: PlanInput, eng: EngineShape, stages) -> StepTime:
         wb = eng.weights_per_gpu
         weight_sync = (wb * (1 - remote) / (g.intra_node_bytes_s * e.comm_efficiency)
                        + wb * remote / (g.inter_node_bytes_s * e.comm_efficiency))
-    # -- host traffic over PCIe, per GPU. Out and back once per step: grads + optimizer states with
-    # --offload-train-state, the engine's weights at sleep level 1. Optimizer CPU offload, per
-    # optimizer step: fp32 grads down, bf16 params up, and the host Adam at its assumed rate.
+    # -- host traffic over PCIe, per GPU. Out and back once per step: the GPU's optimizer state with
+    # --offload-train-state (the grad buffers are freed and reallocated, not copied), the engine's
+    # weights at sleep level 1. Optimizer CPU offload, per optimizer step: fp32 grads down, bf16
+    # params up, and the host Adam at its assumed rate (not overlapped with the copies, as the
+    # trainer runs it).
     host = 0.0
     for st in stages:
-        per_step = 2 * ((st.grads + st.optimizer) if inp.train.offload_train_state else 0)
+        per_step = 2 * (st.optimizer if inp.train.offload_train_state else 0)
         if r.engine == "vllm" and r.sleep_level == 1:
             per_step += 2 * eng.weights_per_gpu
         t = per_step / g.host_bytes_s + w.epochs_per_batch * (

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import sys
 import types
 
@@ -37,35 +36,36 @@ import torch
 
 CPU = torch.device("cpu")
 
-# Modules whose literal "cuda" devices must be rewritten; imported before proxying so the proxy
-# reaches them. Others loaded later are covered by `proxy_loaded_megatron_modules()` at each apply.
-_MEGATRON_MODULES = (
-    "megatron.core.parallel_state",
-    "megatron.core.utils",
-    "megatron.core.transformer.utils",
-    "megatron.core.tensor_parallel.random",
-    "megatron.core.tensor_parallel.data",
-    "megatron.core.tensor_parallel.layers",
-    "megatron.core.tensor_parallel.mappings",
-    "megatron.core.tensor_parallel.cross_entropy",
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.pipeline_parallel.utils",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.optimizer",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.optimizer.grad_scaler",
-    "megatron.core.models.common.language_module.language_module",
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.models.gpt.gpt_model",
-    "megatron.core.dist_checkpointing.exchange_utils",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.strategies.torch",
-    "megatron.core.inference.contexts.static_context",
-)
+
+def _import_cuda_bound_modules() -> None:
+    """Import the megatron modules whose literal "cuda" devices must be rewritten, before proxying,
+    so the proxy reaches them. Others loaded later are covered by `proxy_loaded_megatron_modules()`
+    at each apply. (megatron-core is pinned to 0.16.1, which has all of them.)"""
+    import megatron.core.dist_checkpointing.exchange_utils  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.state_dict_saver  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    import megatron.core.distributed.distributed_data_parallel  # noqa: F401
+    import megatron.core.distributed.param_and_grad_buffer  # noqa: F401
+    import megatron.core.inference.contexts.static_context  # noqa: F401
+    import megatron.core.models.common.embeddings.rotary_pos_embedding  # noqa: F401
+    import megatron.core.models.common.language_module.language_module  # noqa: F401
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.optimizer.clip_grads  # noqa: F401
+    import megatron.core.optimizer.distrib_optimizer  # noqa: F401
+    import megatron.core.optimizer.grad_scaler  # noqa: F401
+    import megatron.core.optimizer.optimizer  # noqa: F401
+    import megatron.core.parallel_state  # noqa: F401
+    import megatron.core.pipeline_parallel.p2p_communication  # noqa: F401
+    import megatron.core.pipeline_parallel.schedules  # noqa: F401
+    import megatron.core.pipeline_parallel.utils  # noqa: F401
+    import megatron.core.tensor_parallel.cross_entropy  # noqa: F401
+    import megatron.core.tensor_parallel.data  # noqa: F401
+    import megatron.core.tensor_parallel.layers  # noqa: F401
+    import megatron.core.tensor_parallel.mappings  # noqa: F401
+    import megatron.core.tensor_parallel.random  # noqa: F401
+    import megatron.core.transformer.utils  # noqa: F401
+    import megatron.core.utils  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +285,8 @@ def _patch_tensor_methods() -> None:
 
 def _patch_megatron_rng() -> None:
     """megatron's RNG tracker reads/writes CUDA generator state directly: use the CPU generator."""
-    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    import megatron.core.tensor_parallel.random as rnd
+
     rnd._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     rnd._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
@@ -294,8 +295,10 @@ def _patch_megatron_rng() -> None:
 
 
 def _patch_clip_grads() -> None:
-    for modname in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
-        mod = importlib.import_module(modname)
+    import megatron.core.optimizer.clip_grads
+    import megatron.core.optimizer.optimizer
+
+    for mod in (megatron.core.optimizer.clip_grads, megatron.core.optimizer.optimizer):
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):
             mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
@@ -303,21 +306,80 @@ def _patch_clip_grads() -> None:
 def _in_process_checkpoint_results_queue() -> None:
     import queue
 
-    fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fs
+
     if getattr(fs, "_results_queue", "absent") is None:  # not created yet (and the attribute exists)
         fs._results_queue = queue.Queue()
+
+
+def _patch_hybrid_device_optimizer() -> None:
+    """megatron's HybridDeviceOptimizer on CPU processes (idempotent; a no-op with CUDA).
+
+    `HybridDeviceOptimizer._get_sub_optimizer_param_groups` splits its parameters by
+    `param.is_cuda`: the first `offload_fraction` of the device parameters get host copies
+    (`param.detach().clone().cpu().pin_memory()`, then `.float()`), which a host AdamW updates and
+    copies back after each step; the rest (as fp32 `.clone().float()` masters of bf16 shards) stay
+    with the device Adam. On CPU nothing is_cuda: it finds no device parameter, puts every one in a
+    host group without a device twin, and its first step fails with a KeyError
+    (hybrid_optimizer.py:101). While that method runs (and only then), the tensors handed to the
+    optimizer count as device tensors, the copies it makes with `.cpu()` / `.pin_memory()` count as
+    host tensors, and `.clone()` / `.detach()` / `.float()` of a host tensor stay host tensors.
+    Nothing else reads `is_cuda` in that module, so the split is the one a GPU would get.
+    """
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer as cls
+
+    original = cls._get_sub_optimizer_param_groups
+    if getattr(original, "_agro_cpu_standin", False):
+        return
+    T, base = torch.Tensor, torch._C.TensorBase
+
+    def split(self, offload_fraction):
+        host: set[int] = set()
+        made: list[torch.Tensor] = []   # keeps the host copies alive, so their ids stay theirs
+
+        def host_copy(real):
+            def method(t, *args, **kwargs):
+                out = real(t, *args, **kwargs)
+                host.add(id(out))
+                made.append(out)
+                return out
+            return method
+
+        def follows(name):
+            def method(t, *args, **kwargs):
+                out = getattr(base, name)(t, *args, **kwargs)
+                if id(t) in host:
+                    host.add(id(out))
+                    made.append(out)
+                return out
+            return method
+
+        patch = {"is_cuda": property(lambda t: id(t) not in host),
+                 "cpu": host_copy(base.cpu), "pin_memory": host_copy(lambda t, *a, **k: t),  # no pinning without CUDA
+                 "clone": follows("clone"), "detach": follows("detach"), "float": follows("float")}
+        saved = {name: T.__dict__[name] for name in patch if name in T.__dict__}
+        for name, value in patch.items():
+            setattr(T, name, value)
+        try:
+            return original(self, offload_fraction)
+        finally:
+            for name in patch:
+                if name in saved:
+                    setattr(T, name, saved[name])
+                else:
+                    delattr(T, name)
+
+    split._agro_cpu_standin = True
+    cls._get_sub_optimizer_param_groups = split
 
 
 def apply() -> None:
     """Install every shim. Call before building megatron models (idempotent)."""
     _patch_torch_cuda()
     _patch_tensor_methods()
-    for name in _MEGATRON_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # absent in this megatron version: nothing to patch
-            pass
+    _import_cuda_bound_modules()
     _patch_clip_grads()
     _patch_megatron_rng()
     _in_process_checkpoint_results_queue()
+    _patch_hybrid_device_optimizer()
     proxy_loaded_megatron_modules()
