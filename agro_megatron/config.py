@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+
+# Keys of earlier releases: a config using one gets the new name, not a generic "unknown key".
+RENAMED_KEYS = {"algorithm.lr_baseline": "algorithm.ratio_baseline", "algorithm.lr_coef": "algorithm.ratio_coef"}
 
 
 class ConfigError(ValueError):
@@ -76,8 +81,8 @@ class AlgorithmConfig:
     estimator: str = "agro_on"               # agro_on | agro_off | rloo | kl_pg | pg
     token_estimator: str = "vanilla"         # vanilla | causal | local_kl
     beta: float = 0.1
-    lr_baseline: str = "loo_var"             # loo_var | none | loo_sq
-    lr_coef: float = 1.0
+    ratio_baseline: str = "loo_var"          # agro_on's likelihood-ratio baseline: loo_var | none | loo_sq
+    ratio_coef: float = 1.0                  # agro_on's likelihood-ratio coefficient c (c/(2 beta))
     logratio_reduction: str = "sum"          # sum | mean
     regime: str = "on_policy"                # on_policy | offline | replay | stale
     replay_p: float = 0.5                    # replay: probability a fresh sample is swapped for a stored one
@@ -185,15 +190,19 @@ class JobConfig:
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "JobConfig":
-        from agro_megatron.losses import ESTIMATORS, LR_BASELINES, TOKEN_ESTIMATORS
+        # the choices and the algorithm's rules live with the code that implements them
+        from agro_megatron.losses import (ESTIMATORS, LOGRATIO_REDUCTIONS, RATIO_BASELINES, TOKEN_ESTIMATORS,
+                                          validate_algorithm)
+        from agro_megatron.rollout import ENGINE_KINDS
+        from agro_megatron.sources import REGIMES
 
         a, r, p = self.algorithm, self.rollout, self.parallel
         _one_of("algorithm.estimator", a.estimator, ESTIMATORS)
         _one_of("algorithm.token_estimator", a.token_estimator, TOKEN_ESTIMATORS)
-        _one_of("algorithm.lr_baseline", a.lr_baseline, LR_BASELINES)
-        _one_of("algorithm.logratio_reduction", a.logratio_reduction, ("sum", "mean"))
-        _one_of("algorithm.regime", a.regime, ("on_policy", "offline", "replay", "stale"))
-        _one_of("rollout.engine", r.engine, ("native", "vllm"))
+        _one_of("algorithm.ratio_baseline", a.ratio_baseline, RATIO_BASELINES)
+        _one_of("algorithm.logratio_reduction", a.logratio_reduction, LOGRATIO_REDUCTIONS)
+        _one_of("algorithm.regime", a.regime, REGIMES)
+        _one_of("rollout.engine", r.engine, ENGINE_KINDS)
         _one_of("model.dtype", self.model.dtype, ("fp32", "bf16"))
         _one_of("optim.schedule", self.optim.schedule, ("constant", "cosine", "linear"))
         if not 0.0 <= self.optim.offload_fraction <= 1.0 or (self.optim.offload_fraction > 0
@@ -204,9 +213,12 @@ class JobConfig:
         if r.n < 2:
             raise ConfigError(f"rollout.n={r.n}: AGRO's leave-one-out baseline needs at least 2 "
                               "responses per prompt; set rollout.n >= 2")
-        if a.estimator != "pg" and a.beta <= 0:
-            raise ConfigError(f"algorithm.beta={a.beta}: {a.estimator} needs beta > 0 (the KL "
-                              "coefficient); use estimator=pg for an unregularised baseline")
+        try:  # beta and the estimator pairings: the losses' own rule, so what validates here trains
+            validate_algorithm(a.estimator, a.beta, token_estimator=a.token_estimator,
+                               ratio_baseline=a.ratio_baseline, logratio_reduction=a.logratio_reduction)
+        except ValueError as err:
+            raise ConfigError(f"algorithm (estimator={a.estimator}, beta={a.beta}, token_estimator="
+                              f"{a.token_estimator}): {err}") from None
         if a.token_estimator in ("causal", "local_kl") and a.regime != "on_policy":
             raise ConfigError(f"algorithm.token_estimator={a.token_estimator} is only valid on "
                               "on-policy samples; use vanilla with regime " + a.regime)
@@ -280,6 +292,10 @@ def _build(cls, raw: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
+    for key in sorted(unknown):
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"config key {prefix}{key} was renamed to {RENAMED_KEYS[prefix + key]}: rename it "
+                              "in your YAML or override")
     if unknown:
         key = sorted(unknown)[0]
         import difflib
@@ -306,7 +322,7 @@ def _coerce(value, hint, key):
         if type(None) in typing.get_args(hint):
             return None
         raise ConfigError(f"{key} cannot be null")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if origin in (typing.Union, types.UnionType) and args:
         hint = args[0]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

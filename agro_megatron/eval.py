@@ -6,7 +6,6 @@ to the MATH reward (``agro_megatron.rewards.math.score_batch``), imported on fir
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -20,9 +19,6 @@ from .data.prompt import FINAL_ANSWER_MARKER, SYSTEM_PROMPT, format_prompt
 GenerateFn = Callable[[list[str], int, float], list[list[str]]]
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
-# Where a ``--model DIR`` run finds its engine: ``make_generate_fn(model_dir, **options)`` must
-# return a GenerateFn. Options passed: engine, max_new_tokens, seed, tokenizer (may be None).
-ROLLOUT_MODULE, ROLLOUT_FACTORY = "agro_megatron.rollout", "make_generate_fn"
 CORRECT_THRESHOLD = 0.5  # a sample counts as correct for pass@k when its reward exceeds this
 
 
@@ -55,15 +51,19 @@ def default_score_fn(*, timeout_s: float | None = None, workers: int | None = No
 
 
 def rollout_factory() -> Callable[..., GenerateFn]:
-    """``agro_megatron.rollout.make_generate_fn``, imported lazily, or a RuntimeError saying why not."""
+    """Where a ``--model DIR`` run finds its engine: ``agro_megatron.rollout.make_generate_fn``
+    (``make_generate_fn(model_dir, **options)`` returns a GenerateFn; options passed: engine,
+    max_new_tokens, seed, tokenizer (may be None)), or a RuntimeError saying why it is missing.
+    Imported on first use: the rollout package brings torch and megatron-core with it."""
     try:
-        return getattr(importlib.import_module(ROLLOUT_MODULE), ROLLOUT_FACTORY)
-    except (ImportError, AttributeError) as err:
+        from .rollout import make_generate_fn
+    except ImportError as err:
         raise RuntimeError(
-            f"evaluating a model folder needs {ROLLOUT_MODULE}.{ROLLOUT_FACTORY}(model_dir, "
+            "evaluating a model folder needs agro_megatron.rollout.make_generate_fn(model_dir, "
             f"**options) -> generate_fn, which this install does not provide ({err}); generate "
             "responses another way and pass them with --responses FILE"
         ) from err
+    return make_generate_fn
 
 
 def generate_fn_from_model(model_dir: str | os.PathLike, **options: Any) -> GenerateFn:

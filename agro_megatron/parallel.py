@@ -53,6 +53,13 @@ def _slurm_port(job_id: str, step_id: str) -> int:
     return 20000 + (int(job_id) % 1000) * 10 + step % 10
 
 
+def free_port() -> int:
+    """A TCP port that is free on localhost right now (a single-process job's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env_from_slurm() -> bool:
     """Map srun's per-task variables to torch.distributed's when launched by srun without torchrun.
 
@@ -89,8 +96,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
         return
     from_slurm = _env_from_slurm()
     if "RANK" not in os.environ:  # plain `python ...`: a world of one
-        from agro_megatron.testing.distributed import free_port
-
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -41,7 +41,8 @@ def _step(seq_len: int, reps: int, attention: str) -> dict:
     from agro_megatron.models import llama
     from agro_megatron.ops import vocab_parallel_logprobs
     from agro_megatron.testing.vocab_parallel_checks import peak_allocated_bytes
-    from agro_megatron.train.pipeline import make_micro_batches, run_micro_batches
+    from agro_megatron.train.layout import make_micro_batches
+    from agro_megatron.train.pipeline import run_micro_batches
 
     arch = llama.LlamaArch(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                            num_kv_heads=2, head_dim=32, max_position_embeddings=seq_len + 8)

@@ -16,7 +16,11 @@ from agro_megatron.testing.distributed import run_distributed
 
 
 def _bench(log_dir: str, reps: int) -> dict:
+    import dataclasses
+
+    from agro_megatron.losses.objective import Objective
     from agro_megatron.testing.train_checks import length_reward, tiny_config
+    from agro_megatron.train.layout import SequenceLayout
     from agro_megatron.train.loop import Trainer
     from agro_megatron.train.run import setup_job
 
@@ -24,20 +28,25 @@ def _bench(log_dir: str, reps: int) -> dict:
         "model.tiny": "{hidden_size: 128, intermediate_size: 384, num_layers: 4, num_heads: 4, "
                       "num_kv_heads: 2, head_dim: 32}",
         "train.prompts_per_step": 16, "rollout.n": 4, "rollout.max_new_tokens": 32})
-    ctx = setup_job(cfg, reward_fn=length_reward)
-    trainer = Trainer(ctx)
-    batch = trainer.collect(0)
-    tok = trainer.score_sequences(batch)
+    run, parts = setup_job(cfg, reward_fn=length_reward)
+    trainer = Trainer(run, bundle=parts.bundle, engine=parts.engine, objective=parts.objective,
+                      source=parts.source, evaluator=parts.evaluator)
+    batch = parts.source.next_batch(0, {})
+    layout = SequenceLayout(batch.prompts, batch.responses, pad_id=run.data.pad_id,
+                            max_tokens=cfg.train.micro_batch_tokens, uniform=False)
+    stats = trainer.token_stats(layout)
+    objectives = {est: Objective(dataclasses.replace(cfg.algorithm, estimator=est), temperature=cfg.rollout.temperature,
+                                 vocab_size=run.arch.vocab_size) for est in ("agro_on", "rloo")}
     times = {"agro_on": [], "rloo": []}
     for rep in range(reps + 1):
-        for est in ("agro_on", "rloo"):
-            cfg.algorithm.estimator = est
+        for est, objective in objectives.items():
+            trainer.objective = objective
             t0 = time.perf_counter()
-            adv, _, _ = trainer.advantages(batch, tok)
-            trainer.train_on(batch, adv)
+            trainer.optimize(batch, layout, stats)
             if rep:  # the first round warms up allocators and caches
                 times[est].append(time.perf_counter() - t0)
     ntok = sum(len(s.token_ids) for row in batch.samples for s in row)
+    parts.engine.close()
     return {"times": times, "tokens": ntok}
 
 

@@ -4,8 +4,9 @@
     python examples/compare.py offline    # agro_off vs kl_pg vs pg on fixed samples from pi_ref (Fig. 5)
 
 One SFT warm-up is trained first and shared (copied) by every run, so the algorithms start from
-the same reference and see identical settings (AGRO.md sec. 5). Each run is a normal agro-train
-job (its own directory, TensorBoard, checkpoints); the script overlays their curves in one PNG.
+the same reference and see identical settings (docs/algorithm.md §9). Each run is a normal
+agro-train job (its own directory, TensorBoard, checkpoints); the script overlays their curves in
+one PNG.
 Extra `key=value` arguments are passed to every run (e.g. train.steps=10); `--only rloo,agro_on`
 runs a subset of the preset's algorithms.
 """

@@ -4,9 +4,9 @@ A softmax policy over ``--arms`` arms (one prompt) is trained by gradient ascent
 logits with the EXACT expected update of each estimator: every pair of responses (n = 2) is
 enumerated with its probability under the fixed behaviour law mu = pi_ref, and the
 library's own ``sequence_advantages`` / ``surrogate_loss`` give the update. ``agro_off``
-drives KL(pi || pi*) to 0 (generation consistency, AGRO.md Thm 2), while ``kl_pg`` (reward
-advantage + per-token KL penalty) converges to a different fixed point: its reward term is
-weighted by mu, not by pi, so off-policy it is not consistent.
+drives KL(pi || pi*) to 0 (the any-generation property, docs/algorithm.md §1 and §8), while
+``kl_pg`` (reward advantage + per-token KL penalty) converges to a different fixed point: its
+reward term is weighted by mu, not by pi, so off-policy it is not consistent (§2.3).
 
     python examples/tabular_consistency.py --out outputs/tabular
 """

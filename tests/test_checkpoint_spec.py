@@ -38,9 +38,9 @@ def _save_then_resume(root: str) -> dict:
 
     out = {}
     trainer = run_job(tiny_config(root, **{"train.steps": 1}), reward_fn=length_reward)["trainer"]
-    model, optimizer = trainer.ctx.bundle.module, trainer.ctx.bundle.optimizer
+    model, optimizer = trainer.bundle.module, trainer.bundle.optimizer
     out["running_kind"] = llama.layer_spec_kind(model)
-    path = ckpt.latest_checkpoint(trainer.ctx.ckpt_dir)
+    path = ckpt.latest_checkpoint(trainer.context.ckpt_dir)
     with open(os.path.join(path, ckpt.META_NAME)) as f:
         out["recorded"] = json.load(f)
     saved = _tensors(model.state_dict())
@@ -58,7 +58,7 @@ def _save_then_resume(root: str) -> dict:
     real = llama.layer_spec_kind
     llama.layer_spec_kind = lambda m: "te/te"  # as a GPU run with TransformerEngine would see its model
     try:
-        ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
+        ckpt.load_trainer_checkpoint(path, model, optimizer)
         out["te"] = "loaded"
     except ckpt.CheckpointSpecMismatch as e:
         out["te"] = str(e)
@@ -66,7 +66,7 @@ def _save_then_resume(root: str) -> dict:
     shutil.copytree(path, legacy)
     os.remove(os.path.join(legacy, ckpt.META_NAME))
     try:
-        ckpt.load_checkpoint(legacy, model=model, optimizer=optimizer)
+        ckpt.load_trainer_checkpoint(legacy, model, optimizer)
         out["te_legacy"] = "loaded"
     except ckpt.CheckpointSpecMismatch as e:
         out["te_legacy"] = str(e)
@@ -74,14 +74,14 @@ def _save_then_resume(root: str) -> dict:
     out["untouched"] = (_same(perturbed, _tensors(model.state_dict()))
                         and _same(opt_before, _tensors(optimizer.state_dict())) and _snapshot(path) == files_before)
 
-    ckpt.load_checkpoint(legacy, model=model, optimizer=optimizer)  # no record = local: loads
+    ckpt.load_trainer_checkpoint(legacy, model, optimizer)  # no record = local: loads
     out["legacy_restored"] = _same(saved, _tensors(model.state_dict()))
     perturb()
     out["resumed"] = trainer.maybe_resume()  # same kind: resumes (the newest checkpoint)
     out["restored"] = _same(saved, _tensors(model.state_dict()))
-    out["step"] = trainer.step
+    out["step"] = trainer.progress.step
     # the local spec with megatron's own attention core is also "local"
-    out["megatron_core_kind"] = llama.layer_spec_kind(llama.build_model(trainer.ctx.arch, attention="megatron"))
+    out["megatron_core_kind"] = llama.layer_spec_kind(llama.build_model(trainer.context.arch, attention="megatron"))
     return out
 
 

@@ -2,6 +2,7 @@
 import pytest
 
 from agro_megatron.config import ConfigError, JobConfig
+from agro_megatron.losses import ESTIMATORS
 
 
 def load(*overrides, path=None):
@@ -59,3 +60,40 @@ def test_shipped_configs_load():
     for p in paths:
         c = JobConfig.load(p)
         assert c.rollout.n >= 2, p
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_config_and_losses_agree_on_beta(estimator, beta):
+    """A config validates exactly when the losses accept its (estimator, beta) (kl_pg: beta=0 too)."""
+    import torch
+
+    from agro_megatron.losses import sequence_advantages
+
+    x = torch.zeros(2, 3)
+    try:
+        sequence_advantages(estimator, x, x, x, beta)
+        losses_accept = True
+    except ValueError:
+        losses_accept = False
+    try:
+        load(f"algorithm.estimator={estimator}", f"algorithm.beta={beta}").validate()
+        config_accepts = True
+    except ConfigError as err:
+        assert "beta" in str(err)
+        config_accepts = False
+    assert config_accepts == losses_accept
+    needs_positive = {"agro_on": True, "agro_off": True, "rloo": True, "kl_pg": False, "pg": False}
+    assert losses_accept == (beta > 0 or not needs_positive[estimator])
+
+
+def test_config_choices_are_the_implementations_lists():
+    from agro_megatron.losses import LOGRATIO_REDUCTIONS, TOKEN_ESTIMATORS
+    from agro_megatron.rollout import ENGINE_KINDS
+    from agro_megatron.sources import REGIMES
+
+    for key, valid in (("algorithm.estimator", ESTIMATORS), ("algorithm.token_estimator", TOKEN_ESTIMATORS),
+                       ("algorithm.logratio_reduction", LOGRATIO_REDUCTIONS), ("algorithm.regime", REGIMES),
+                       ("rollout.engine", ENGINE_KINDS)):
+        with pytest.raises(ConfigError, match=f"{key}='nope' is not valid; choose one of {', '.join(valid)}$"):
+            load(f"{key}=nope").validate()

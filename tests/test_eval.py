@@ -173,7 +173,7 @@ def test_cli_with_responses_file(tmp_path, monkeypatch, capsys):
 
 def test_cli_model_path_uses_rollout_factory(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(harness, "default_score_fn", lambda **kw: exact_match_score)
-    monkeypatch.setattr(harness, "ROLLOUT_MODULE", "agro_megatron._no_such_rollout")
+    monkeypatch.setitem(sys.modules, "agro_megatron.rollout", types.SimpleNamespace())
     model_dir = build_tiny_tokenizer(tmp_path / "model")  # a checkpoint folder holds its tokenizer
     args = ["--data", str(EXAMPLES / "gsm8k_sample.jsonl"), "--model", str(model_dir), "--no-progress"]
     assert main(args) == 2
@@ -185,8 +185,7 @@ def test_cli_model_path_uses_rollout_factory(tmp_path, monkeypatch, capsys):
         calls.update(options, model_dir=model_dir)
         return lambda prompts, n, t: [["The final answer is 16"] * n for _ in prompts]
 
-    monkeypatch.setitem(sys.modules, "fake_rollout", types.SimpleNamespace(make_generate_fn=make_generate_fn))
-    monkeypatch.setattr(harness, "ROLLOUT_MODULE", "fake_rollout")
+    monkeypatch.setitem(sys.modules, "agro_megatron.rollout", types.SimpleNamespace(make_generate_fn=make_generate_fn))
     out = tmp_path / "r.json"
     assert main(args[:-1] + ["--n", "2", "--temperature", "0.5", "--out", str(out), "--no-progress",
                              "--tokenizer", "none"]) == 2  # a bad tokenizer folder is reported

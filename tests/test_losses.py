@@ -3,7 +3,8 @@
 The policy is softmax(theta) over K arms (one prompt). For n responses we enumerate every
 n-tuple of arms with its exact probability and compute the expected ascent direction
 E[(1/n) sum_i A_i grad log pi(y_i)] through the library's own surrogate_loss; the reference
-is the autograd gradient of the AGRO.md losses written out directly (float64).
+is the autograd gradient of the losses L_mu / L_on (docs/algorithm.md §1) written out directly
+(float64).
 """
 import math
 
@@ -12,7 +13,7 @@ import torch
 
 from agro_megatron.losses import (
     ESTIMATORS,
-    LR_BASELINES,
+    RATIO_BASELINES,
     TOKEN_ESTIMATORS,
     agro_off_variance_objective,
     agro_on_parts,
@@ -96,12 +97,12 @@ def test_agro_off_unbiased_for_any_fixed_mu(estimator, n):
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-@pytest.mark.parametrize("lr_baseline", ["loo_var", "none"])
-def test_agro_on_unbiased_on_policy(lr_baseline, n):
+@pytest.mark.parametrize("ratio_baseline", ["loo_var", "none"])
+def test_agro_on_unbiased_on_policy(ratio_baseline, n):
     for seed in range(2):
         theta, ref_logp, r, _ = problem(seed)
         target = exact_on(theta, ref_logp, r)
-        got = expected_direction("agro_on", theta, ref_logp, r, None, n, lr_baseline=lr_baseline)
+        got = expected_direction("agro_on", theta, ref_logp, r, None, n, ratio_baseline=ratio_baseline)
         assert close(got, target)
         # the test has power: agro_off differs from grad L_on by more than rounding
         off = expected_direction("agro_off", theta, ref_logp, r, None, n)
@@ -112,13 +113,15 @@ def test_agro_on_unbiased_on_policy(lr_baseline, n):
 def test_loo_sq_baseline_is_biased(n):
     theta, ref_logp, r, _ = problem(0)
     target = exact_on(theta, ref_logp, r)
-    got = expected_direction("agro_on", theta, ref_logp, r, None, n, lr_baseline="loo_sq")
+    got = expected_direction("agro_on", theta, ref_logp, r, None, n, ratio_baseline="loo_sq")
     assert (got - target).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("n", [3, 4])
 def test_loo_var_estimates_mean_of_d_squared(n):
-    """AGRO.md's v_i = n/(n-1) s^2_{-i} with s^2 over the other R_j: E[v_i] = E[d_i^2].
+    """loo_var's v_i = n/(n-1) s^2_{-i}, s^2 over the other R_j: E[v_i] = E[d_i^2].
+
+    See docs/algorithm.md §2.2.
 
     (s^2 of the other d_j would also be unbiased, since d_j - mean_{k!=i} d_k does not depend
     on R_i, but it is (n/(n-1))^2 times larger and so over-shoots E[d_i^2]; checked too.)"""
@@ -141,7 +144,7 @@ def test_loo_var_baseline_formula():
     g = torch.Generator().manual_seed(3)
     rew, lp, ref = (torch.randn(3, 5, generator=g, dtype=F64) for _ in range(3))
     n = 5
-    pd, lr = agro_on_parts(rew, lp, ref, BETA, lr_coef=1.3)
+    pd, lr = agro_on_parts(rew, lp, ref, BETA, ratio_coef=1.3)
     R = rew - BETA * (lp - ref)
     for p in range(3):
         for i in range(n):
@@ -154,12 +157,12 @@ def test_loo_var_baseline_formula():
 
 
 @pytest.mark.parametrize("c", [0.0, 0.5, 2.0])
-def test_lr_coef_scales_the_likelihood_ratio_term(c):
+def test_ratio_coef_scales_the_likelihood_ratio_term(c):
     theta, ref_logp, r, _ = problem(1)
     n = 3
     pd_part = exact_off(theta, ref_logp, r, torch.softmax(theta, -1))  # E[(R-m) s]
     lr_part = exact_on(theta, ref_logp, r) - pd_part                   # -(1/2b) E[(R-m)^2 s]
-    got = expected_direction("agro_on", theta, ref_logp, r, None, n, lr_coef=c)
+    got = expected_direction("agro_on", theta, ref_logp, r, None, n, ratio_coef=c)
     assert close(got, pd_part + c * lr_part)
 
 
@@ -237,8 +240,8 @@ def test_errors_name_the_problem():
         sequence_advantages("kl_pg", x, x, x, -0.1)
     with pytest.raises(ValueError, match="unknown estimator 'grpo'.*agro_on, agro_off, rloo"):
         sequence_advantages("grpo", x, x, x, 1.0)
-    with pytest.raises(ValueError, match="unknown lr_baseline 'var'.*loo_var, none, loo_sq"):
-        sequence_advantages("agro_on", x, x, x, 1.0, lr_baseline="var")
+    with pytest.raises(ValueError, match="unknown ratio_baseline 'var'.*loo_var, none, loo_sq"):
+        sequence_advantages("agro_on", x, x, x, 1.0, ratio_baseline="var")
     with pytest.raises(ValueError, match=r"logprobs has shape \(3, 5\)"):
         sequence_advantages("agro_on", x, torch.zeros(3, 5), x, 1.0)
     with pytest.raises(ValueError, match="logprobs is required"):
@@ -247,4 +250,4 @@ def test_errors_name_the_problem():
         sequence_advantages("agro_on", torch.zeros(12), torch.zeros(12), torch.zeros(12), 1.0)
     assert ESTIMATORS == ("agro_on", "agro_off", "rloo", "kl_pg", "pg")
     assert TOKEN_ESTIMATORS == ("vanilla", "causal", "local_kl")
-    assert LR_BASELINES == ("loo_var", "none", "loo_sq")
+    assert RATIO_BASELINES == ("loo_var", "none", "loo_sq")

@@ -118,12 +118,12 @@ def test_token_estimators_match_exact_gradient_n2(mdp, estimator):
         assert close(mdp.expected(estimator, 2, token_estimator=te), target), te
 
 
-@pytest.mark.parametrize("lr_baseline", ["loo_var", "none"])
-def test_token_estimators_agro_on_n3(lr_baseline):
+@pytest.mark.parametrize("ratio_baseline", ["loo_var", "none"])
+def test_token_estimators_agro_on_n3(ratio_baseline):
     mdp = MDP(seed=1, variable=True)
     target = mdp.exact("on")
     for te in ("vanilla", "causal", "local_kl"):
-        got = mdp.expected("agro_on", 3, token_estimator=te, lr_baseline=lr_baseline)
+        got = mdp.expected("agro_on", 3, token_estimator=te, ratio_baseline=ratio_baseline)
         assert close(got, target), te
 
 
@@ -148,13 +148,13 @@ def test_token_tests_have_power():
 
 
 def test_mean_reduction_fixed_length():
-    """mean log-ratio = sum with beta_eff = beta/T: exact with lr_coef = T, scaled by T."""
+    """mean log-ratio = sum with beta_eff = beta/T: exact with ratio_coef = T, scaled by T."""
     mdp = MDP(seed=3, variable=False)
     for est, law in (("agro_off", "pi"), ("agro_on", "on")):
         target = T * mdp.exact(law, reduction="mean")
         for te in ("vanilla", "causal", "local_kl"):
             got = mdp.expected(est, 2, token_estimator=te, logratio_reduction="mean",
-                               lr_coef=float(T))
+                               ratio_coef=float(T))
             assert close(got, target), (est, te)
 
 
@@ -204,7 +204,7 @@ def test_variable_length_against_direct_formula():
         for te in (("vanilla", "causal", "local_kl") if est.startswith("agro") else ("vanilla",)):
             for red in ("sum", "mean"):
                 got = token_advantages(est, rew, garbage, ref, mask, BETA, token_estimator=te,
-                                       token_kl=torch.where(mask, kl, math.nan), lr_coef=0.8,
+                                       token_kl=torch.where(mask, kl, math.nan), ratio_coef=0.8,
                                        logratio_reduction=red)
                 want = direct(est, te, rew, lp, ref, mask, kl, BETA, red, c=0.8)
                 assert torch.allclose(got, want, rtol=0, atol=1e-12), (est, te, red)

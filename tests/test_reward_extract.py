@@ -119,3 +119,91 @@ def test_as_number():
 def test_nesting_depth():
     assert nesting_depth("\\frac{\\sqrt{2}}{(1+x)}") == 2
     assert nesting_depth("(" * 50 + ")" * 50) == 50
+
+
+# --- one box parser for ground truth and reward --------------------------------------------------
+# The data loaders read a MATH row's ground truth from its solution's last box with the reward's
+# own parser (rewards/extract.py), so a reference solution and a response that box the same thing
+# yield the same answer. LaTeX's meaning decides the tricky forms: `\boxed5` boxes the single
+# token `5` (`\boxed 12` boxes only `1`), and an unclosed box has no answer (an earlier complete
+# box then counts). None: no ground truth (the loader refuses the row) and no answer (reward 0).
+BOX_AGREEMENT = [
+    ("so $\\boxed{5}$.", "5"),
+    ("$\\boxed5$", "5"),                                   # no braces: one token
+    ("\\boxed5", "5"),
+    ("MATH's bare form $\\boxed 5$.", "5"),
+    ("\\boxed 12", "1"),                                   # one token, as TeX typesets it
+    ("\\boxed\\pi", "\\pi"),                               # a control word is one token
+    ("\\boxed\n{7}", "7"),                                 # TeX skips one line end after \boxed
+    ("\\boxed\n\n7", None),                                # ...but a blank line is a paragraph
+    ("unclosed \\boxed{1 + ", None),                       # an unclosed box has no answer
+    ("unbalanced \\boxed{\\frac{1}{2}", None),
+    ("last one unclosed falls back \\boxed{9} \\boxed{1", "9"),
+    ("\\boxed{9}, then a bare \\boxed", "9"),              # a box without an argument is none
+    ("\\boxed{9}, then \\boxed at", "a"),                  # ...but `\\boxed at` boxes the token `a`
+    ("\\boxed}", None),
+    ("\\boxed$5$", None),
+    ("\\boxedx{3}", None),                                 # another command
+    ("\\boxed{}", None),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),                 # escaped braces do not close the box
+    ("\\boxed{a\\}", None),
+    ("\\boxed{\\left\\{ x \\right\\}}", "\\left\\{ x \\right\\}"),
+    ("first \\boxed{1} then \\fbox{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{ (1, 2) }", "(1, 2)"),
+    ("\\boxed{$5$.}", "5"),                                # cleaned alike on both sides
+    ("\\boxed{**4**}", "4"),
+    ("\\boxed {3}", "3"),
+    ("\\boxed{\\boxed{5}}", "5"),
+    ("no box at all", None),
+]
+
+
+def _ground_truth(solution: str) -> str | None:
+    from agro_megatron.data.problem import problem_from_row
+
+    try:
+        return problem_from_row({"problem": "p", "solution": solution}, default_id="x").answer
+    except ValueError as err:
+        assert "no ground truth" in str(err)
+        return None
+
+
+@pytest.mark.parametrize("text,expected", BOX_AGREEMENT)
+def test_ground_truth_and_reward_parse_boxes_alike(text, expected):
+    assert _ground_truth(text) == expected
+    assert extract_answer(text) == expected
+
+
+def test_ground_truth_and_reward_agree_through_the_loader(tmp_path):
+    """The same cases through load_problems (rows without a box are skipped as malformed)."""
+    import json
+    import warnings
+
+    from agro_megatron.data import load_problems
+
+    path = tmp_path / "boxes.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "problem": "p", "solution": text}) + "\n"
+                            for i, (text, _) in enumerate(BOX_AGREEMENT)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = {p.id: p.answer for p in load_problems(path, skip_malformed=True)}
+    for i, (text, _) in enumerate(BOX_AGREEMENT):
+        assert loaded.get(str(i)) == extract_answer(text), text
+
+
+def test_the_data_side_has_no_box_parser_of_its_own():
+    from agro_megatron import data
+    from agro_megatron.data import problem
+    from agro_megatron.rewards import extract
+
+    assert data.last_boxed is extract.last_boxed and problem.boxed_answer is extract.boxed_answer
+
+
+def test_box_parsing_is_linear_on_hostile_text():
+    hostile = ["\\boxed{" * 60_000, "{" * 400_000 + "\\boxed{", "\\boxed " * 60_000,
+               "\\boxed{" + "\\{" * 200_000]
+    for text in hostile:
+        t = time.perf_counter()
+        last_boxed(text)
+        extract_answer(text)
+        assert time.perf_counter() - t < 2.0, text[:20]

@@ -1,8 +1,9 @@
 """Stale rollouts (generated k policy versions behind) need no importance weights under AGRO.
 
 agro_off's expected update on samples from ANY fixed mu is the exact gradient -(1/beta) grad L_mu
-(tests/test_losses.py), and every L_mu is minimised by the same pi* (AGRO.md Thm 2). So samples
-from an old policy move pi towards pi* with no ratio pi/mu. Checked exactly on a tabular bandit.
+(tests/test_losses.py), and every L_mu is minimised by the same pi* (docs/algorithm.md §1, §3).
+So samples from an old policy move pi towards pi* with no ratio pi/mu. Checked exactly on a
+tabular bandit.
 """
 import importlib.util
 import os

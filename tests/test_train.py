@@ -20,7 +20,7 @@ def _run(tmp, reward="length_reward", world=1, **overrides):
 STEP_SCALARS = [
     "train/reward_mean", "train/reward_std", "train/accuracy", "train/response_length", "train/kl",
     "train/kl_full_vocab", "train/entropy", "train/advantage_mean", "train/advantage_rms",
-    "train/pd_term_norm", "train/lr_term_norm", "train/grad_norm", "train/lr", "train/loss",
+    "train/pg_term_norm", "train/ratio_term_norm", "train/grad_norm", "train/lr", "train/loss",
     "perf/tokens_per_s", "time/rollout_s", "time/reward_s", "time/logprob_s", "time/train_s",
     "time/sync_s", "data/replay_fraction",
 ]
@@ -44,7 +44,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, dtype):
         assert [step for step, _ in tb.get(tag, [])] == [1, 2, 3, 4], tag
     assert all(v > 0 for _, v in tb["time/rollout_s"] + tb["time/reward_s"] + tb["perf/tokens_per_s"])
     # agro_on, fully on-policy: both parts of the gradient are live, nothing is replayed
-    assert all(v > 0 for _, v in tb["train/pd_term_norm"] + tb["train/lr_term_norm"])
+    assert all(v > 0 for _, v in tb["train/pg_term_norm"] + tb["train/ratio_term_norm"])
     assert all(v == 0 for _, v in tb["data/replay_fraction"])
     stopped = _run(tmp_path / "split", reward="sigterm_on_third_call", **{"model.dtype": dtype})[0]
     # reward calls: eval-before, step 1, step 2 (signal) -> stops after step 2 with a checkpoint

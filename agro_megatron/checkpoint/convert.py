@@ -24,7 +24,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from agro_megatron.models.llama import LlamaArch, padded_vocab_size, parse_dtype
 
 from . import mapping
+from .atomic import atomic_dir, remove_stale
 from .dist_format import Chunk, DistCheckpointReader, none_object, write_chunks
 from .errors import (CheckpointContentError, ConversionError, DtypeMismatchError, IncompatibleCheckpointError,
                      NotLlamaError, OutputExistsError, ParallelLayoutError)
@@ -115,25 +115,12 @@ def _check_output(out: Path, overwrite: bool, *sources: Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(out: Path, overwrite: bool):
-    """Yield a temp dir beside `out`; rename it to `out` if the block succeeds, delete it if not."""
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:10]}"
-    tmp.mkdir()
-    try:
+def _output_dir(out: Path, overwrite: bool):
+    """atomic_dir for a conversion's output (one process), re-checking just before the rename that
+    `out` may be replaced: another process may have created it while we converted."""
+    with atomic_dir(out) as tmp:
         yield tmp
-        _check_output(out, overwrite)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:10]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_output(out.absolute(), overwrite)
 
 
 @contextlib.contextmanager
@@ -270,7 +257,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
             target = src
         chunks = plan_chunks(arch, tp, pp, target, _ChunkReader(arch, hf, tp, target))
         total = sum(c.nbytes for c in chunks)
-        with _atomic_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar, _one_thread():
+        with _output_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar, _one_thread():
             write_chunks(tmp, chunks, sync=sync, on_chunk=bar.update)
             assets = _copy_assets(hf_dir, tmp / ASSETS_DIR)
             write_metadata(tmp, {
@@ -366,7 +353,7 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     entries = [(n, s, dtype) for w in ws for n, s in mapping.hf_shapes(arch, w).items()]
     for w in ws:
         _check_stored(arch, reader, w)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with _output_dir(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync)
         with _progress(writer.total_size, "export", progress) as bar, _one_thread():
             for w in ws:
@@ -402,45 +389,34 @@ def _write_hf_side_files(megatron_dir: Path, meta: dict, dest: Path, dtype: torc
 def save_trained_model(model, out_dir: str | os.PathLike, *, arch: LlamaArch, tp: int, pp: int, dtype: str,
                        assets_from: str | os.PathLike | None, source_meta: dict | None = None) -> Path:
     """Save a live (sharded) policy as a checkpoint in this module's format, so that
-    `agro-convert export` turns it into an HF folder and `load_checkpoint` reloads it at any TP x PP.
+    `agro-convert export` turns it into an HF folder and `load_converted_checkpoint` reloads it at any TP x PP.
 
     Collective over all ranks (megatron's dist_checkpointing.save); rank 0 writes the metadata and
-    copies the tokenizer/side files from `assets_from`. Written to a temp dir and renamed.
+    copies the tokenizer/side files from `assets_from`. Written to a temp dir and renamed
+    (atomic_dir, collectively).
     """
-    import shutil as _shutil
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     out_dir = Path(out_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-save")
     if rank0:
-        _shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank0:
-        assets: list[str] = []
-        if assets_from and Path(assets_from).is_dir():
-            assets = _copy_assets(Path(assets_from), tmp / ASSETS_DIR)
-        config = dict((source_meta or {}).get("hf_config") or arch.to_hf_config())
-        config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
-        write_metadata(tmp, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "tp": tp, "pp": pp,
-            "dtype": _DTYPE_NAMES[parse_dtype(dtype)], "vocab_size": arch.vocab_size,
-            "padded_vocab_size": padded_vocab_size(arch.vocab_size, tp), "hf_config": config,
-            "arch": dataclasses.asdict(arch), "assets_dir": ASSETS_DIR, "assets": assets,
-            "source": (source_meta or {}).get("source", "trained by agro-train"),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "writer": writer_info(),
-        })
-        if out_dir.exists():
-            _shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    if dist.is_initialized():
-        dist.barrier()
+        remove_stale(out_dir.absolute().parent, out_dir.name)  # an interrupted earlier save's
+    with atomic_dir(out_dir, collective=True) as tmp:
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        if rank0:
+            assets: list[str] = []
+            if assets_from and Path(assets_from).is_dir():
+                assets = _copy_assets(Path(assets_from), tmp / ASSETS_DIR)
+            config = dict((source_meta or {}).get("hf_config") or arch.to_hf_config())
+            config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+            write_metadata(tmp, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "tp": tp, "pp": pp,
+                "dtype": _DTYPE_NAMES[parse_dtype(dtype)], "vocab_size": arch.vocab_size,
+                "padded_vocab_size": padded_vocab_size(arch.vocab_size, tp), "hf_config": config,
+                "arch": dataclasses.asdict(arch), "assets_dir": ASSETS_DIR, "assets": assets,
+                "source": (source_meta or {}).get("source", "trained by agro-train"),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "writer": writer_info(),
+            })
     return out_dir

@@ -16,18 +16,12 @@ from pathlib import Path
 
 import torch
 
+from agro_megatron.models import unwrap_model
 from agro_megatron.models.llama import LlamaArch, parse_dtype
 
 from .convert import checkpoint_arch, read_metadata
 from .dist_format import DistCheckpointReader
 from .errors import CheckpointContentError, DtypeMismatchError
-
-
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers (they share its parameters)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _check_model(model, arch: LlamaArch, meta: dict, allow_cast: bool) -> None:
@@ -77,7 +71,7 @@ def _zero_vocab_padding(model, arch: LlamaArch) -> None:
             weight[first_pad:].zero_()
 
 
-def load_checkpoint(model, ckpt_dir: str | os.PathLike, *, allow_cast: bool = False) -> dict:
+def load_converted_checkpoint(ckpt_dir: str | os.PathLike, model, *, allow_cast: bool = False) -> dict:
     """Load `ckpt_dir` into `model` (this rank's GPTModel, parallel state initialised).
 
     Returns the checkpoint's metadata. Raises IncompatibleCheckpointError for checkpoints of
@@ -89,7 +83,7 @@ def load_checkpoint(model, ckpt_dir: str | os.PathLike, *, allow_cast: bool = Fa
     ckpt_dir = Path(ckpt_dir)
     meta = read_metadata(ckpt_dir)
     arch = checkpoint_arch(ckpt_dir, meta)
-    model = _unwrap(model)
+    model = unwrap_model(model)  # DDP / Float16Module share the GPTModel's parameters
     _check_model(model, arch, meta, allow_cast)
     present = set(DistCheckpointReader(ckpt_dir).keys())
     sharded = _drop_absent_objects(model.sharded_state_dict(), present)
@@ -112,5 +106,5 @@ def build_and_load(ckpt_dir: str | os.PathLike, *, dtype: str | torch.dtype | No
     meta = read_metadata(ckpt_dir)
     arch = checkpoint_arch(ckpt_dir, meta)
     model = build_model(arch, dtype=dtype or meta["dtype"], **build_kwargs)
-    load_checkpoint(model, ckpt_dir, allow_cast=dtype is not None)
+    load_converted_checkpoint(ckpt_dir, model, allow_cast=dtype is not None)
     return model, arch

@@ -9,6 +9,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agro_megatron.rewards.extract import boxed_answer, last_boxed
+
+__all__ = ["MalformedRowError", "MalformedRowWarning", "Problem", "boxed_answer", "detect_format",
+           "last_boxed", "parse_level", "problem_from_row", "split_gsm8k_answer"]
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -32,58 +37,6 @@ class MalformedRowError(ValueError):
 
 class MalformedRowWarning(UserWarning):
     """Emitted once per skipped row when loading with ``skip_malformed=True``."""
-
-
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def _braced_group(text: str, start: int) -> tuple[str, int] | None:
-    """The content of the ``{...}`` opening at ``text[start]`` and the index after it.
-
-    Brace matching has one home (rewards/extract.py): escaped ``\\{ \\}`` do not count.
-    """
-    from agro_megatron.rewards.extract import matching_brace
-
-    if start >= len(text) or text[start] != "{":
-        return None
-    close = matching_brace(text, start)
-    return None if close < 0 else (text[start + 1:close], close + 1)
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) in ``text``.
-
-    Also accepts MATH's brace-less form ``\\boxed 5``. Returns None when there is no complete box.
-    """
-    best_pos, best = -1, None
-    for cmd in _BOX_COMMANDS:
-        pos = text.rfind(cmd)
-        while pos != -1:
-            after = pos + len(cmd)
-            # "\boxedfoo" is another command, not a box.
-            if after < len(text) and text[after].isalpha():
-                pos = text.rfind(cmd, 0, pos)
-                continue
-            content = _box_content(text, after)
-            if content is not None:
-                if pos > best_pos:
-                    best_pos, best = pos, content
-                break
-            pos = text.rfind(cmd, 0, pos)
-    return None if best is None else best.strip()
-
-
-def _box_content(text: str, after: int) -> str | None:
-    j = after
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        group = _braced_group(text, j)
-        return None if group is None else group[0]
-    if j > after:  # "\boxed 5": the token up to the next space or "$"
-        m = re.match(r"[^\s$]+", text[j:])
-        return m.group(0) if m else None
-    return None
 
 
 _GSM8K_MARK = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
@@ -176,7 +129,8 @@ def problem_from_row(row: Any, *, default_id: str, fmt: str = "auto") -> Problem
         raise ValueError("missing or empty 'problem'")
     answer = _text(row, "answer")
     if answer is None or not answer.strip():
-        answer = last_boxed(solution) if solution else None
+        # the reward's own box parser, so ground truth and responses are read alike
+        answer = boxed_answer(solution) if solution else None
         if not answer:
             why = "no \\boxed{...} with balanced braces in 'solution'" if solution else "no 'solution'"
             raise ValueError(f"no ground truth: missing 'answer' and {why}")

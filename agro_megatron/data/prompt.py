@@ -1,6 +1,6 @@
 """The prompt the policy sees: Llama-3 chat format with the paper's "The final answer is X" ask.
 
-AGRO.md sec. 5: the system prompt asks for a step-by-step solution ending in
+docs/algorithm.md §9: the system prompt asks for a step-by-step solution ending in
 "The final answer is X", which is what the reward parses. A tokenizer that ships a
 ``chat_template`` renders the messages itself (so a real Llama-3 checkpoint gets exactly its own
 format); otherwise :data:`LLAMA3_CHAT_TEMPLATE` / :func:`render_llama3` (identical output) are used.

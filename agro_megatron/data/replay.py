@@ -1,4 +1,4 @@
-"""Replay buffer of past rollouts, grouped by prompt (AGRO.md sec. 5, the paper's Fig. 4).
+"""Replay buffer of past rollouts, grouped by prompt (docs/algorithm.md §7, the paper's Fig. 4).
 
 AGRO's leave-one-out baseline compares responses to the SAME prompt, so a fresh sample may only be
 swapped for a stored response to that prompt. Each fresh sample is replaced with probability p by

@@ -1,24 +1,30 @@
-"""AGRO losses: sequence and token advantages and the surrogate loss (AGRO.md sec. 2-3)."""
+"""AGRO losses: sequence and token advantages and the surrogate loss (docs/algorithm.md §2-5)."""
 from agro_megatron.losses.agro import (
     ESTIMATORS,
     LOGRATIO_REDUCTIONS,
-    LR_BASELINES,
+    RATIO_BASELINES,
     TOKEN_ESTIMATORS,
     agro_off_variance_objective,
     agro_on_parts,
     sequence_advantages,
     surrogate_loss,
     token_advantages,
+    validate_algorithm,
 )
+from agro_megatron.losses.objective import Advantages, Objective, TokenStats
 
 __all__ = [
+    "Advantages",
+    "Objective",
+    "TokenStats",
     "ESTIMATORS",
     "LOGRATIO_REDUCTIONS",
-    "LR_BASELINES",
+    "RATIO_BASELINES",
     "TOKEN_ESTIMATORS",
     "agro_off_variance_objective",
     "agro_on_parts",
     "sequence_advantages",
     "surrogate_loss",
     "token_advantages",
+    "validate_algorithm",
 ]

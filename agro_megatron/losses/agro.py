@@ -1,4 +1,4 @@
-"""AGRO advantages and the surrogate loss (AGRO.md sections 2-3), pure torch.
+"""AGRO advantages and the surrogate loss (docs/algorithm.md §2-5), pure torch.
 
 Shapes: ``P`` prompts, ``n`` responses per prompt (a group), ``T`` token positions.
 Every estimator is an ascent direction ``g = (1/n) sum_i A_i grad log pi(y_i)``; the
@@ -13,7 +13,7 @@ from torch import Tensor
 
 ESTIMATORS = ("agro_on", "agro_off", "rloo", "kl_pg", "pg")
 TOKEN_ESTIMATORS = ("vanilla", "causal", "local_kl")
-LR_BASELINES = ("loo_var", "none", "loo_sq")
+RATIO_BASELINES = ("loo_var", "none", "loo_sq")
 LOGRATIO_REDUCTIONS = ("sum", "mean")
 
 # Estimators whose advantage contains -beta * (log pi - log pi_ref) of the sample itself.
@@ -71,8 +71,23 @@ def _check_shape(name: str, t: Tensor | None, shape: torch.Size, needed_by: str)
 
 
 # ----------------------------------------------------------------------------------------
-# Sequence-level estimators (AGRO.md section 2)
+# Sequence-level estimators (docs/algorithm.md §2)
 # ----------------------------------------------------------------------------------------
+
+
+def validate_algorithm(estimator: str, beta: float, *, token_estimator: str = "vanilla",
+                       ratio_baseline: str = "loo_var", logratio_reduction: str = "sum") -> None:
+    """Raise ValueError naming the problem unless the estimators accept these settings (the one
+    rule set: the config's validation and the objective both call this)."""
+    _choose("estimator", estimator, ESTIMATORS)
+    _choose("token_estimator", token_estimator, TOKEN_ESTIMATORS)
+    _choose("ratio_baseline", ratio_baseline, RATIO_BASELINES)
+    _choose("logratio_reduction", logratio_reduction, LOGRATIO_REDUCTIONS)
+    _check_beta(estimator, beta)
+    if estimator not in _REGULARIZED and token_estimator != "vanilla":
+        raise ValueError(
+            f"token_estimator {token_estimator!r} only changes estimators with a log-ratio term "
+            f"({', '.join(_REGULARIZED)}); {estimator} has none: use token_estimator='vanilla'")
 
 
 def _loo_diff(x: Tensor) -> Tensor:
@@ -81,8 +96,8 @@ def _loo_diff(x: Tensor) -> Tensor:
     return (x - x.mean(-1, keepdim=True)) * (n / (n - 1))
 
 
-def _lr_baseline(kind: str, R: Tensor, d: Tensor) -> Tensor:
-    """Baseline v_i of the likelihood-ratio term d_i^2 (AGRO.md sec. 2).
+def _ratio_baseline(kind: str, R: Tensor, d: Tensor) -> Tensor:
+    """Baseline v_i of the likelihood-ratio term d_i^2 (docs/algorithm.md §2.2).
 
     ``loo_var``: ``n/(n-1) * s^2_{-i}`` with ``s^2_{-i}`` the unbiased (ddof=1) variance of
     the OTHER responses' regularized rewards R_j (0 when n = 2). It is a function of y_{-i}
@@ -105,37 +120,37 @@ def _lr_baseline(kind: str, R: Tensor, d: Tensor) -> Tensor:
 
 
 def _sequence_parts(estimator: str, rewards: Tensor, logratio: Tensor | None, beta: float,
-                    lr_baseline: str, lr_coef: float) -> tuple[Tensor, Tensor]:
-    """(pd, lr) with A = pd + lr; ``logratio`` is the per-response log pi - log pi_ref."""
+                    ratio_baseline: str, ratio_coef: float) -> tuple[Tensor, Tensor]:
+    """(pg, ratio) with A = pg + ratio; ``logratio`` is the per-response log pi - log pi_ref."""
     if estimator in ("pg", "kl_pg"):
         return _loo_diff(rewards), torch.zeros_like(rewards)
     R = rewards - beta * logratio
     d = _loo_diff(R)
     if estimator != "agro_on":
         return d, torch.zeros_like(d)
-    lr = -(float(lr_coef) / (2 * beta)) * (d * d - _lr_baseline(lr_baseline, R, d))
-    return d, lr
+    ratio = -(float(ratio_coef) / (2 * beta)) * (d * d - _ratio_baseline(ratio_baseline, R, d))
+    return d, ratio
 
 
 def sequence_advantages(estimator: str, rewards: Tensor, logprobs: Tensor | None,
-                        ref_logprobs: Tensor | None, beta: float, *, lr_baseline: str = "loo_var",
-                        lr_coef: float = 1.0, return_parts: bool = False):
-    """Advantages A_i of shape [P, n] from sequence log-prob SUMS (AGRO.md sec. 2 table).
+                        ref_logprobs: Tensor | None, beta: float, *, ratio_baseline: str = "loo_var",
+                        ratio_coef: float = 1.0, return_parts: bool = False):
+    """Advantages A_i of shape [P, n] from sequence log-prob SUMS (docs/algorithm.md §2 table).
 
     With ``R = r - beta*(logprobs - ref_logprobs)`` and ``d_i = R_i - mean_{j!=i} R_j``:
     ``agro_off``/``rloo``: ``d_i`` (unbiased for -(1/beta) grad L_mu under any fixed mu);
-    ``agro_on``: ``d_i - (lr_coef/(2 beta)) (d_i^2 - v_i)`` (on-policy samples only; v_i per
-    ``lr_baseline``); ``kl_pg``/``pg``: ``r_i - mean_{j!=i} r_j`` (kl_pg's KL term lives in
+    ``agro_on``: ``d_i - (ratio_coef/(2 beta)) (d_i^2 - v_i)`` (on-policy samples only; v_i per
+    ``ratio_baseline``); ``kl_pg``/``pg``: ``r_i - mean_{j!=i} r_j`` (kl_pg's KL term lives in
     :func:`surrogate_loss`; log-probs may be None). For the "mean" log-ratio reduction pass
     per-token MEANS instead of sums (or use :func:`token_advantages`).
 
     Returns detached advantages in the inputs' dtype; with ``return_parts=True`` returns
-    ``(pd_term, lr_term)`` with ``A = pd_term + lr_term`` (lr_term is 0 except for agro_on),
+    ``(pg_term, ratio_term)`` with ``A = pg_term + ratio_term`` (ratio_term is 0 except for agro_on),
     so the trainer can log both norms. To mix on-policy and replayed samples in agro_on,
-    zero ``lr_term`` on the replayed ones (AGRO.md: they get agro_off).
+    zero ``ratio_term`` on the replayed ones (they get agro_off's advantage: docs/algorithm.md §3).
     """
     _choose("estimator", estimator, ESTIMATORS)
-    _choose("lr_baseline", lr_baseline, LR_BASELINES)
+    _choose("ratio_baseline", ratio_baseline, RATIO_BASELINES)
     beta = _check_beta(estimator, beta)
     _check_group(rewards)
     out_dt, dt = _dtypes(rewards, logprobs, ref_logprobs)
@@ -145,18 +160,18 @@ def sequence_advantages(estimator: str, rewards: Tensor, logprobs: Tensor | None
         _check_shape("ref_logprobs", ref_logprobs, rewards.shape, estimator)
         logratio = logprobs.detach().to(dt) - ref_logprobs.detach().to(dt)
     with torch.no_grad():
-        pd, lr = _sequence_parts(estimator, rewards.detach().to(dt), logratio, beta,
-                                 lr_baseline, lr_coef)
+        pg, ratio = _sequence_parts(estimator, rewards.detach().to(dt), logratio, beta,
+                                 ratio_baseline, ratio_coef)
     if return_parts:
-        return pd.to(out_dt), lr.to(out_dt)
-    return (pd + lr).to(out_dt)
+        return pg.to(out_dt), ratio.to(out_dt)
+    return (pg + ratio).to(out_dt)
 
 
 def agro_on_parts(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, beta: float, *,
-                  lr_baseline: str = "loo_var", lr_coef: float = 1.0) -> tuple[Tensor, Tensor]:
-    """agro_on split as (pd_term = d_i, lr_term = -(c/(2 beta))(d_i^2 - v_i)), for logging."""
+                  ratio_baseline: str = "loo_var", ratio_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+    """agro_on split as (pg_term = d_i, ratio_term = -(c/(2 beta))(d_i^2 - v_i)), for logging."""
     return sequence_advantages("agro_on", rewards, logprobs, ref_logprobs, beta,
-                               lr_baseline=lr_baseline, lr_coef=lr_coef, return_parts=True)
+                               ratio_baseline=ratio_baseline, ratio_coef=ratio_coef, return_parts=True)
 
 
 def agro_off_variance_objective(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor,
@@ -177,7 +192,7 @@ def agro_off_variance_objective(rewards: Tensor, logprobs: Tensor, ref_logprobs:
 
 
 # ----------------------------------------------------------------------------------------
-# Token-level estimators (AGRO.md section 3)
+# Token-level estimators (docs/algorithm.md §4)
 # ----------------------------------------------------------------------------------------
 
 
@@ -189,7 +204,7 @@ def _suffix_sum(x: Tensor) -> Tensor:
 def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | None,
                      token_ref_logprobs: Tensor | None, mask: Tensor, beta: float, *,
                      token_estimator: str = "vanilla", token_kl: Tensor | None = None,
-                     lr_baseline: str = "loo_var", lr_coef: float = 1.0,
+                     ratio_baseline: str = "loo_var", ratio_coef: float = 1.0,
                      logratio_reduction: str = "sum", on_policy: Tensor | None = None,
                      return_parts: bool = False):
     """Per-token advantages A_{i,t} of shape [P, n, T] (0 where ``mask`` is 0).
@@ -219,7 +234,7 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
     depends on y_i, so causal/local_kl are exact only for fixed-length responses.
 
     For the "mean" reduction the LR coefficient stays c/(2 beta): the exact -(1/beta_eff)
-    grad L_on for fixed length T (beta_eff = beta/T) needs ``lr_coef=T``.
+    grad L_on for fixed length T (beta_eff = beta/T) needs ``ratio_coef=T``.
 
     ``on_policy`` [P, n] bool (default: all True) marks the samples drawn from the current
     policy. agro_on's likelihood-ratio term is an expectation under pi, so samples marked False
@@ -227,11 +242,11 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
     stays valid for the others, whose leave-one-out baseline v_i may use any other samples.
 
     ``pg``/``kl_pg`` have no log-ratio term: their A_i is broadcast, only ``vanilla`` is
-    accepted, and token log-probs may be None. ``return_parts=True`` returns (pd, lr) tokens.
+    accepted, and token log-probs may be None. ``return_parts=True`` returns (pg, ratio) tokens.
     """
     _choose("estimator", estimator, ESTIMATORS)
     _choose("token_estimator", token_estimator, TOKEN_ESTIMATORS)
-    _choose("lr_baseline", lr_baseline, LR_BASELINES)
+    _choose("ratio_baseline", ratio_baseline, RATIO_BASELINES)
     _choose("logratio_reduction", logratio_reduction, LOGRATIO_REDUCTIONS)
     beta = _check_beta(estimator, beta)
     _check_group(rewards)
@@ -265,11 +280,11 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
             l = (token_logprobs.detach().to(dt) - token_ref_logprobs.detach().to(dt))
             l = torch.where(on, l, 0.0)  # padding may hold inf/nan: select, don't multiply
             L = l.sum(-1) if scale is None else l.sum(-1) / scale
-        pd, lr = _sequence_parts(estimator, rewards.detach().to(dt), L, beta, lr_baseline,
-                                 lr_coef)
+        pg, ratio = _sequence_parts(estimator, rewards.detach().to(dt), L, beta, ratio_baseline,
+                                 ratio_coef)
         if on_policy is not None:
-            lr = torch.where(on_policy.to(lr.device).bool(), lr, 0.0)
-        pd_t = pd.unsqueeze(-1).expand_as(m)
+            ratio = torch.where(on_policy.to(ratio.device).bool(), ratio, 0.0)
+        pg_t = pg.unsqueeze(-1).expand_as(m)
         if token_estimator != "vanilla":
             if token_estimator == "causal":
                 Lt = _suffix_sum(l)
@@ -278,16 +293,16 @@ def token_advantages(estimator: str, rewards: Tensor, token_logprobs: Tensor | N
                 Lt = l + _suffix_sum(kl) - kl
             if scale is not None:
                 Lt = Lt / scale.unsqueeze(-1)
-            pd_t = pd_t + beta * (L.unsqueeze(-1) - Lt)
-        pd_t = pd_t * m
-        lr_t = lr.unsqueeze(-1) * m
+            pg_t = pg_t + beta * (L.unsqueeze(-1) - Lt)
+        pg_t = pg_t * m
+        ratio_t = ratio.unsqueeze(-1) * m
     if return_parts:
-        return pd_t.to(out_dt), lr_t.to(out_dt)
-    return (pd_t + lr_t).to(out_dt)
+        return pg_t.to(out_dt), ratio_t.to(out_dt)
+    return (pg_t + ratio_t).to(out_dt)
 
 
 # ----------------------------------------------------------------------------------------
-# Surrogate loss
+# Surrogate loss (docs/algorithm.md §5)
 # ----------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ Why a fused op: at V = 128256 and thousands of tokens, one fp32 copy of the logi
 GB per rank. Megatron's `vocab_parallel_cross_entropy` keeps exactly such a copy (the softmax)
 for backward and returns an fp32 gradient. Here the forward keeps only per-token scalars
 (log-sum-exp, H, KL) plus references to the caller's logits, and the backward recomputes the
-softmax chunk by chunk from them (AGRO.md section 4). Tokens are processed `chunk_size` at a
+softmax chunk by chunk from them (docs/algorithm.md §6). Tokens are processed `chunk_size` at a
 time in both directions, so the only full-vocabulary temporaries are two or three fp32 chunk
 buffers (plus the gradient itself, unless `inplace_backward` reuses the logits' storage).
 

@@ -2,7 +2,8 @@
 
 The AGRO prompt asks the model to end with "The final answer is X"; the reward reads X from the
 LAST such marker (a model may restate the phrase mid-solution). Responses that box their answer
-instead (``\\boxed{X}`` / ``\\fbox{X}``) are read from the last box. Everything here is plain
+instead (``\\boxed{X}`` / ``\\fbox{X}``) are read from the last box (:func:`last_boxed`, which the
+data loaders use for MATH ground truth too). Everything here is plain
 string scanning in linear time on bounded input: it runs in the trainer process, outside the
 sandbox, so it must never be slow or raise on hostile text.
 """
@@ -21,7 +22,6 @@ _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # Paired math delimiters an answer may be wrapped in, longest opener first.
 _DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 # Sentence-ending period: a period followed by whitespace (a decimal point never is).
-_TOKEN = re.compile(r"[^\s$]+")
 _SENTENCE_END = re.compile(r"\.\s")
 _TRAILER = re.compile(r"\s*(?:I\s+hope\s+it\s+is\s+correct|Hope\s+(?:this|that)\s+helps).*$",
                       re.IGNORECASE | re.DOTALL)
@@ -47,25 +47,84 @@ def matching_brace(text: str, open_pos: int) -> int:
     return -1
 
 
-def _box_content(text: str, cmd_end: int) -> str | None:
-    """Content of a ``\\boxed`` whose command name ends at ``cmd_end``."""
-    i = cmd_end
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if i < len(text) and text[i] == "{":
-        close = matching_brace(text, i)
+# After a control word TeX skips spaces and one line end; a blank line would be a paragraph.
+_SKIP = re.compile(r"[ \t]*(?:\r?\n[ \t]*)?")
+_CONTROL_SEQUENCE = re.compile(r"\\(?:[A-Za-z]+|.)", re.DOTALL)
+# Characters that cannot be a box's one-token argument (TeX: closing brace, math shift, comment,
+# alignment, parameter, sub/superscript, active tie; whitespace ends the line or paragraph).
+_NOT_AN_ARGUMENT = frozenset("}$%&#^_~")
+# Escapes (a backslash and the character after it) and braces, for matching every brace in one pass.
+_BRACE_TOKEN = re.compile(r"\\.?|[{}]", re.DOTALL)
+
+
+def _argument(text: str, cmd_end: int, closes: dict[int, int] | None = None) -> str | None:
+    """The argument of a box command whose name ends at ``cmd_end``, or None when it has none.
+
+    LaTeX's meaning: ``\\boxed{...}`` boxes the balanced group, ``\\boxed5`` / ``\\boxed 5``
+    the single token ``5`` (``\\boxed 12`` boxes only ``1``; ``\\boxed\\pi`` boxes ``\\pi``). An
+    unclosed ``{`` or a missing argument is no box. ``closes`` (from :func:`_brace_partners`)
+    saves the scan for the closing brace.
+    """
+    i = _SKIP.match(text, cmd_end).end()
+    if i >= len(text):
+        return None
+    c = text[i]
+    if c == "{":
+        close = matching_brace(text, i) if closes is None else closes.get(i, -1)
         return None if close < 0 else text[i + 1:close]
-    # "\boxed 5": TeX takes a single token; accept a run up to whitespace or a math delimiter.
-    m = _TOKEN.match(text, i)
-    return m.group(0) if m else None
+    if c == "\\":
+        m = _CONTROL_SEQUENCE.match(text, i)
+        return None if m is None or _BOX.fullmatch(m.group(0)) else m.group(0)  # a box is no token
+    if c.isspace() or c in _NOT_AN_ARGUMENT:
+        return None
+    return c
+
+
+def _brace_partners(text: str) -> dict[int, int]:
+    """``{open index: close index}`` for every balanced ``{`` of ``text``, escapes skipped (one pass)."""
+    closes: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN.finditer(text):
+        tok = m.group()
+        if tok == "{":
+            stack.append(m.start())
+        elif tok == "}" and stack:
+            closes[stack.pop()] = m.start()
+    return closes
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``; None if absent/unclosed."""
-    last = None
-    for last in _BOX.finditer(text):
-        pass
-    return None if last is None else _box_content(text, last.end())
+    """Content (stripped) of the last ``\\boxed`` / ``\\fbox`` that has an argument; None if none.
+
+    The one box parser: the reward reads model responses with it and the data loaders read MATH
+    ground truth with it, so both sides see the same answer. Semantics (LaTeX's): a box takes a
+    balanced ``{...}`` group or a single token (``\\boxed5`` is ``5``, see :func:`_argument`); an
+    unclosed box has no answer, so the last box that does have one counts
+    (``\\boxed{9} \\boxed{1`` -> ``9``). ``\\boxedx`` is another command. Linear time in
+    ``len(text)`` whatever the text holds.
+    """
+    ends = [m.end() for m in _BOX.finditer(text)]
+    if not ends:
+        return None
+    closes = _brace_partners(text)
+    for end in reversed(ends):
+        content = _argument(text, end, closes)
+        if content is not None:
+            return content.strip()
+    return None
+
+
+def boxed_answer(text: str) -> str | None:
+    """The final answer a text states in its last box, cleaned as :func:`extract_answer` cleans
+    it (surrounding ``$``, markdown bold, a trailing period); None when there is none.
+
+    MATH ground truth (``data/problem.py``) is read with this, so a reference solution and a
+    response boxing the same thing yield the same string.
+    """
+    box = last_boxed(text)
+    if box is None:
+        return None
+    return _clean(box) or None
 
 
 def _after_marker(tail: str) -> str | None:
@@ -85,7 +144,7 @@ def _after_marker(tail: str) -> str | None:
             break
     box = _BOX.match(s)
     if box:
-        return _box_content(s, box.end())
+        return _argument(s, box.end())
     line = s.split("\n", 1)[0]
     boxed = last_boxed(line)  # "The final answer is:\n\nso \boxed{11}"
     if boxed is not None:
@@ -132,8 +191,7 @@ def extract_answer(response: str) -> str | None:
         if ans is not None:
             ans = _clean(ans)
     if not ans:
-        ans = last_boxed(tail)
-        ans = _clean(ans) if ans is not None else None
+        ans = boxed_answer(tail)
     if not ans or len(ans) > MAX_ANSWER_CHARS:
         return None
     return ans

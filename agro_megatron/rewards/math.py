@@ -1,6 +1,6 @@
 """The MATH reward: 1.0 when the response's final answer equals the ground truth, else 0.0.
 
-Pipeline per answer (AGRO.md section 5; the paper's prompt ends with "The final answer is X"):
+Pipeline per answer (docs/algorithm.md §9; the paper's prompt ends with "The final answer is X"):
 1. ``extract_answer``: X after the last marker, else the last ``\\boxed{}`` (``extract.py``).
 2. ``normalize``: MATH grading conventions; equal canonical strings, plain numbers, and
    tuples/intervals/sets of plain numbers are decided at once, in this process, exactly

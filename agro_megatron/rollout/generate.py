@@ -16,7 +16,8 @@ def make_generate_fn(model_dir: str, *, engine: str = "native", max_new_tokens: 
     from agro_megatron.checkpoint.convert import ASSETS_DIR
     from agro_megatron.checkpoint.load import build_and_load
     from agro_megatron.data import load_tokenizer, stop_token_ids
-    from agro_megatron.rollout import SamplingParams, make_engine
+    from agro_megatron.rollout.base import SamplingParams
+    from agro_megatron.rollout.factory import make_engine
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir} is not a directory: pass a checkpoint written by agro-convert import")

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from agro_megatron.models import unwrap_model
 from agro_megatron.rollout.base import Completion, SamplingParams, validate_prompts
 from agro_megatron.rollout.kv_cache import KVCache, StageDecoder
 from agro_megatron.rollout.sampling import sample
@@ -85,15 +86,13 @@ class NativeEngine:
     def update_weights(self, model: Any) -> None:
         """Sample from `model` from now on. The engine holds the training model itself, so this is
         a reference swap: the optimizer's in-place updates are already visible."""
-        from megatron.core.utils import get_attr_wrapped_model
-
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError(
                     f"got {len(model)} model chunks (virtual pipeline parallelism); the native "
                     "engine needs one chunk per rank: disable virtual PP or use the vLLM engine")
             model = model[0]
-        gpt = get_attr_wrapped_model(model, "decoder", return_model_obj=True)  # under DDP / Float16Module
+        gpt = unwrap_model(model)  # under DDP / Float16Module / PolicyWithReference
         self.model, self.decoder = model, StageDecoder(gpt)
         self.config = gpt.config
         self.max_positions = getattr(gpt, "max_sequence_length", None)

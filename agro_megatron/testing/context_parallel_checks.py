@@ -53,8 +53,8 @@ def run_layout(weights_path: str, reference: dict | None = None) -> dict:
     the CP=1 `reference`) their errors against it."""
     from megatron.core import parallel_state as ps
 
-    from agro_megatron.train.pipeline import (PolicyWithReference, make_micro_batches, run_micro_batches,
-                                              scatter_rows)
+    from agro_megatron.train.layout import make_micro_batches, scatter_rows
+    from agro_megatron.train.pipeline import PolicyWithReference, run_micro_batches
 
     bundle = _bundle(torch.load(weights_path, weights_only=True))
     seqs, plens, adv = _sequences()

@@ -65,16 +65,16 @@ def check_checkpoints(ckpts: dict, refs: dict, input_ids: torch.Tensor, loads: l
 
 
 def load_error(ckpt: str, tp: int, pp: int, dtype: str) -> str:
-    """The error `load_checkpoint` raises for a model built with another dtype ('' if none)."""
+    """The error `load_converted_checkpoint` raises for a model built with another dtype ('' if none)."""
     from agro_megatron import parallel
     from agro_megatron.checkpoint.convert import checkpoint_arch
-    from agro_megatron.checkpoint.load import load_checkpoint
+    from agro_megatron.checkpoint.load import load_converted_checkpoint
     from agro_megatron.models.llama import build_model
 
     parallel.init_model_parallel(tp=tp, pp=pp)
     model = build_model(checkpoint_arch(ckpt), dtype=dtype)
     try:
-        load_checkpoint(model, ckpt)
+        load_converted_checkpoint(ckpt, model)
     except Exception as e:  # noqa: BLE001 - the test inspects which error
         return f"{type(e).__name__}: {e}"
     return ""

@@ -13,7 +13,6 @@ value (picklable) from every rank comes back as a list ordered by rank.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -21,13 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port that is free on localhost right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from agro_megatron.parallel import free_port  # noqa: F401  (its home is parallel.py; tests import it here)
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

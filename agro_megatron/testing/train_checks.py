@@ -1,7 +1,6 @@
 """Worker functions for the trainer tests (run inside gloo ranks by run_distributed)."""
 from __future__ import annotations
 
-import math
 import os
 import signal
 
@@ -52,7 +51,7 @@ def always_nan_reward(responses, truths):
 
 
 def _weights(trainer) -> dict:
-    return {k: v.detach().clone() for k, v in trainer.ctx.bundle.module.state_dict().items()
+    return {k: v.detach().clone() for k, v in trainer.bundle.module.state_dict().items()
             if torch.is_tensor(v)}
 
 
@@ -73,8 +72,8 @@ def run(log_dir: str, reward: str, overrides: dict) -> dict:
     trainer = result.pop("trainer")
     return {"stopped": result.get("stopped", False), "steps": result["steps"], "losses": _losses(trainer),
             "weights": _weights(trainer), "history": trainer.metrics.history,
-            "stale_flags": getattr(trainer, "last_on_policy", None),
-            "layout": {"tp": trainer.ctx.tp, "pp": trainer.ctx.pp, "cp": trainer.ctx.cp_size, "dp": trainer.ctx.dp_size}}
+            "layout": {"tp": trainer.context.layout.tp, "pp": trainer.context.layout.pp, "cp": trainer.context.layout.cp,
+                       "dp": trainer.context.layout.dp}}
 
 
 def run_each(root: str, runs: dict) -> dict:
@@ -125,7 +124,7 @@ def run_paper_configs_shrunk(paths: list[str], root: str, steps: int) -> dict:
                                                    f"algorithm.offline_data={root}/{name}/offline.jsonl"])
         result = run_job(cfg, reward_fn=length_reward)
         trainer = result.pop("trainer")
-        out[name] = {"steps": result["steps"], "tp": trainer.ctx.tp, "dtype": cfg.model.dtype,
+        out[name] = {"steps": result["steps"], "tp": trainer.context.layout.tp, "dtype": cfg.model.dtype,
                      "estimator": cfg.algorithm.estimator, "regime": cfg.algorithm.regime,
                      "losses": [r["train/loss"] for r in trainer.metrics.history if "train/loss" in r],
                      "replay_fraction": [r["data/replay_fraction"] for r in trainer.metrics.history
@@ -186,23 +185,23 @@ def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
             current.setdefault("used", []).append(_embedding_fingerprint(emb, emb.shape[0]))
             return record_generate(self, *args, **kwargs)
 
-        original_collect = loop.Trainer.collect
+        original_train_step = loop.Trainer.train_step
 
-        def collect(self, step, timings=None):
-            vocab = self.ctx.arch.vocab_size
-            snaps = getattr(self, "stale_snapshots", [])
-            policy = _embedding_fingerprint(self.ctx.bundle.module.embedding.word_embeddings.weight, vocab)
+        def train_step(self, step):
+            vocab = self.context.arch.vocab_size
+            snaps = getattr(self.source, "snapshots", [])  # the stale source's versions, oldest first
+            policy = _embedding_fingerprint(self.bundle.module.embedding.word_embeddings.weight, vocab)
             expected = policy
             if self.cfg.algorithm.regime == "stale" and len(snaps) > 1:
                 expected = _embedding_fingerprint(snaps[0]["embedding.word_embeddings.weight"], vocab)
             current.clear()
-            batch = original_collect(self, step, timings)
+            scalars = original_train_step(self, step)
             rollouts.append({"step": step, "expected": expected, "policy": policy,
                              "used": list(current.get("used", []))})
-            return batch
+            return scalars
 
         fv.EngineRecord.generate = generate
-        loop.Trainer.collect = collect
+        loop.Trainer.train_step = train_step
         try:
             for name, overrides in runs.items():
                 log_dir = os.path.join(root, name.split("+")[0])
@@ -220,5 +219,5 @@ def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
                              "shut_down": [e.shut_down for e in engines]}
         finally:
             fv.EngineRecord.generate = record_generate
-            loop.Trainer.collect = original_collect
+            loop.Trainer.train_step = original_train_step
     return out

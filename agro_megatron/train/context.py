@@ -1,6 +1,8 @@
-"""Everything a run holds besides the loop itself: process layout, tokenizer, data, models, engine.
+"""What a run knows before any model exists: where it writes, how its processes are laid out,
+its tokenizer and problems. Built once by train/run.py (`start_job`) and then read-only.
 
-Built once by `build_context`; the Trainer and the SFT stage read from it.
+The models, the optimizer, the rollout engine, the objective and the sample source are not
+here: train/run.py builds them from this context and hands them to the Trainer explicitly.
 """
 from __future__ import annotations
 
@@ -8,110 +10,130 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from agro_megatron.config import JobConfig
+from agro_megatron.models.llama import LlamaArch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+    """This rank's place in the TP x PP x CP x DP grid (megatron's parallel state, read once)."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    dp_rank: int
+    cp_rank: int
+    is_last_stage: bool      # holds the logits (and so the loss, the statistics and the metrics)
+    is_logging_rank: bool    # the one rank that prints, logs and plots
+
+    @classmethod
+    def from_megatron(cls) -> "ProcessLayout":
+        from megatron.core import parallel_state as ps
+
+        last = ps.is_pipeline_last_stage()
+        return cls(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                   cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+                   dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
+                   is_last_stage=last,
+                   is_logging_rank=(last and ps.get_tensor_model_parallel_rank() == 0
+                                    and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The tokenizer and the problems, and how a problem becomes a prompt."""
+
+    tokenizer: object
+    tokenizer_dir: str
+    train_problems: list
+    heldout_problems: list
+    system_prompt: str | None
+    max_prompt_tokens: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        from agro_megatron.data import stop_token_ids
+
+        return tuple(stop_token_ids(self.tokenizer))
+
+    def encode_prompt(self, problem) -> list[int]:
+        from agro_megatron.data import encode_prompt
+
+        ids = encode_prompt(problem, self.tokenizer, system_prompt=self.system_prompt)
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(f"problem {problem.id}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                             f"{self.max_prompt_tokens}; raise the limit or filter long problems")
+        return ids
+
+
+@dataclasses.dataclass(frozen=True)
 class RunContext:
     cfg: JobConfig
     log_dir: str
     ckpt_dir: str
-    tp: int
-    pp: int
-    dp_size: int
-    dp_rank: int
-    is_last_stage: bool
-    is_logging_rank: bool
-    cp_size: int = 1   # context parallel: CP ranks share a DP rank's prompts and split its rollouts
-    cp_rank: int = 0
-    tokenizer: Any = None
-    tokenizer_dir: str | None = None
-    pad_id: int = 0
-    stop_ids: tuple = ()
-    train_problems: list = dataclasses.field(default_factory=list)
-    heldout_problems: list = dataclasses.field(default_factory=list)
-    reward_fn: Callable | None = None
-    arch: Any = None
-    bundle: Any = None
-    engine: Any = None
-    behaviour_model: Any = None
-    offline_path: str | None = None
-    _paired: Any = None
+    layout: ProcessLayout
+    data: RunData
+    arch: LlamaArch
+    reward_fn: Callable
 
-    # -- helpers ---------------------------------------------------------------------------------
     def print(self, *args) -> None:
-        if self.is_logging_rank:
+        if self.layout.is_logging_rank:
             print(*args, flush=True)
 
     def progress(self, total: int, initial: int = 0, desc: str = ""):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                    disable=not (self.is_logging_rank and self.cfg.logging.progress), file=sys.stderr)
+                    disable=not (self.layout.is_logging_rank and self.cfg.logging.progress), file=sys.stderr)
 
-    def encode_prompt(self, problem) -> list[int]:
-        from agro_megatron.data import encode_prompt
-
-        ids = encode_prompt(problem, self.tokenizer, system_prompt=self.system_prompt)
-        limit = self.cfg.data.max_prompt_tokens
-        if len(ids) > limit:
-            raise ValueError(f"problem {problem.id}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
-                             f"{limit}; raise the limit or filter long problems")
-        return ids
-
-    @property
-    def system_prompt(self):
-        from agro_megatron.data import SYSTEM_PROMPT
-
-        sp = self.cfg.data.system_prompt
-        return SYSTEM_PROMPT if sp == "default" else (sp or None)
-
-    def sampling_params(self, *, seed: int, greedy: bool = False, n_tokens: int | None = None):
+    def sampling_params(self, seed: int, *, greedy: bool = False):
         from agro_megatron.rollout import SamplingParams
 
         r = self.cfg.rollout
         return SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=n_tokens or r.max_new_tokens, stop_token_ids=self.stop_ids,
-                              seed=seed)
+                              max_new_tokens=r.max_new_tokens, stop_token_ids=self.data.stop_ids, seed=seed)
 
-    def paired_model(self):
-        from agro_megatron.train.pipeline import PolicyWithReference
 
-        if self._paired is None:
-            self._paired = PolicyWithReference(self.bundle.policy, self.bundle.reference)
-        return self._paired
+class Evaluator:
+    """Held-out accuracy of the engine's current weights: every DP x CP rank scores its share."""
+
+    def __init__(self, run: RunContext, engine):
+        self.run, self.engine = run, engine
 
     def evaluate(self, prefix: str = "eval") -> dict:
-        """Held-out accuracy of the current policy with the run's engine (greedy by default)."""
+        from agro_megatron.data import format_prompt
         from agro_megatron.eval import evaluate
 
-        e = self.cfg.eval
-        problems = self.heldout_problems[: e.max_problems]
+        run, layout, data = self.run, self.run.layout, self.run.data
+        e = run.cfg.eval
+        problems = data.heldout_problems[: e.max_problems]
         if not problems:
             return {}
-        workers = self.dp_size * self.cp_size  # every DP x CP rank evaluates its own share
-        per_rank = problems[self.dp_rank * self.cp_size + self.cp_rank::workers]
-
-        from agro_megatron.data import format_prompt
+        workers = layout.dp * layout.cp
+        per_rank = problems[layout.dp_rank * layout.cp + layout.cp_rank::workers]
 
         def prompt_fn(problem):
-            return format_prompt(problem, self.tokenizer, system_prompt=self.system_prompt)
+            return format_prompt(problem, data.tokenizer, system_prompt=data.system_prompt)
 
         def generate_fn(prompts, n, temperature):
-            ids = [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
-            params = self.sampling_params(seed=self.cfg.train.seed + 7, greedy=temperature == 0)
+            ids = [list(data.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
+            params = run.sampling_params(run.cfg.train.seed + 7, greedy=temperature == 0)
             out = self.engine.generate(ids, n, params)
-            return [[self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in row] for row in out]
+            return [[data.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in row] for row in out]
 
         report = evaluate(generate_fn, per_rank, n=e.n, temperature=e.temperature, k_values=(1,),
-                          score_fn=self.reward_fn, prompt_fn=prompt_fn, progress=False)
-        acc = report.overall.accuracy
-        correct = torch.tensor([acc * len(per_rank), float(len(per_rank))], dtype=torch.float64)
+                          score_fn=run.reward_fn, prompt_fn=prompt_fn, progress=False)
+        correct = torch.tensor([report.overall.accuracy * len(per_rank), float(len(per_rank))], dtype=torch.float64)
         if workers > 1:
             from megatron.core import parallel_state as ps
 
@@ -119,10 +141,10 @@ class RunContext:
         return {f"{prefix}/accuracy": float(correct[0] / correct[1])}
 
 
-def load_run_data(cfg: JobConfig, log_dir: str, tokenizer_dir: str | None):
+def load_run_data(cfg: JobConfig, log_dir: str, tokenizer_dir: str | None) -> RunData:
     """Tokenizer and problems. The tiny tokenizer is built (once, by rank 0) for synthetic runs."""
-    from agro_megatron.data import (build_tiny_tokenizer, generate_problems, load_problems, load_tokenizer,
-                                    split_problems)
+    from agro_megatron.data import (SYSTEM_PROMPT, build_tiny_tokenizer, generate_problems, load_problems,
+                                    load_tokenizer, split_problems)
 
     d = cfg.data
     if tokenizer_dir is None:
@@ -140,7 +162,9 @@ def load_run_data(cfg: JobConfig, log_dir: str, tokenizer_dir: str | None):
         heldout = []
     if d.heldout and d.heldout != "synthetic":
         heldout = load_problems(d.heldout, skip_malformed=d.skip_malformed)
-    return tokenizer, tokenizer_dir, train, heldout
+    system_prompt = SYSTEM_PROMPT if d.system_prompt == "default" else (d.system_prompt or None)
+    return RunData(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, train_problems=train, heldout_problems=heldout,
+                   system_prompt=system_prompt, max_prompt_tokens=d.max_prompt_tokens)
 
 
 def save_json(path: str, obj) -> None:

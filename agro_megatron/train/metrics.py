@@ -39,6 +39,13 @@ class MetricsLogger:
         self.history = list(history)
         self._rewrite()
 
+    def state_dict(self) -> dict:
+        """The history so far (saved with checkpoints: a resumed run's logs and plots are whole)."""
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restore(state["history"])
+
     def _rewrite(self) -> None:
         path = os.path.join(self.log_dir, "metrics.jsonl")
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -121,3 +128,22 @@ def eval_vs_kl(history: list[dict]) -> tuple[list[float], list[float]]:
         accs.append(r["eval/accuracy"])
         last = r["step"]
     return kls, accs
+
+
+def batch_metrics(rewards, stats) -> dict:
+    """Per-step statistics of a batch: rewards, response lengths, KL to the reference and entropy.
+
+    `rewards` [P, n]; `stats`: the objective's TokenStats of the batch ([P, n, T] each).
+    """
+    mask = stats.mask
+    ntok = mask.sum().clamp_min(1)
+    return {
+        "train/reward_mean": rewards.mean(),
+        "train/accuracy": (rewards > 0.5).double().mean(),
+        "train/reward_std": rewards.std(),
+        "train/response_length": mask.sum(-1).mean(),
+        # the sampled log-ratio summed over each response (negative off-policy: not a KL there)
+        "train/kl": (stats.logprobs - stats.ref_logprobs).mul(mask).sum(-1).mean(),
+        KL: (stats.kl * mask).sum(-1).mean(),
+        "train/entropy": (stats.entropy * mask).sum() / ntok,
+    }

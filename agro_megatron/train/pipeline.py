@@ -1,11 +1,11 @@
 """Running token batches through megatron-core's forward_backward_func (any TP x PP).
 
-The trainer hands over micro-batches of right-padded sequences and a `loss_fn(logits_shard, mb)`
-that runs on the last pipeline stage. This module owns the megatron details: pipeline shapes,
-the policy+reference pairing, and the micro-batch loss scaling.
+The trainer hands over micro-batches of right-padded sequences (train/layout.py) and a
+`loss_fn(logits_shard, mb)` that runs on the last pipeline stage. This module owns the megatron
+details: pipeline shapes, the policy+reference pairing, and the micro-batch loss scaling.
 
-Context parallelism (cp > 1): each CP rank runs its rows of every sequence (ops/context_parallel.py
-layout). The loss_fn sees this rank's rows only (`MicroBatch.split_for_context_parallel`); the
+Context parallelism (cp > 1): each CP rank runs its positions of every sequence (the layout's
+`MicroBatch.split_for_context_parallel`). The loss_fn sees this rank's positions only; the
 per-position stats it returns come back gathered to whole sequences and its scalar stats summed, so
 callers above this module never see CP.
 
@@ -16,40 +16,14 @@ streams ([s, 2b, h] activations) through the same schedule, for any PP, with no 
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Callable
 
 import torch
 
 from agro_megatron import platform
+from agro_megatron.models import unwrap_model
 from agro_megatron.ops.context_parallel import cp_size_and_rank, gather_sequence, split_sequence
-
-
-@dataclasses.dataclass
-class MicroBatch:
-    tokens: torch.Tensor          # [b, L] input ids (right padded)
-    labels: torch.Tensor          # [b, L] next-token ids (pad where loss_mask == 0)
-    loss_mask: torch.Tensor       # [b, L] 1 where the position predicts a response token
-    index: torch.Tensor           # [b] rows of the full batch these sequences are
-    extra: dict = dataclasses.field(default_factory=dict)  # more per-position [b, L] tensors
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        """[b] response tokens of each whole sequence (not of a context-parallel share)."""
-        return self.extra.get("response_lengths", self.loss_mask.sum(-1))
-
-    def split_for_context_parallel(self, cp_size: int, cp_rank: int) -> "MicroBatch":
-        """This CP rank's positions of every [b, L] tensor; whole-sequence facts stay whole."""
-        if cp_size == 1:
-            return self
-
-        def cut(t):
-            return split_sequence(t, 1, cp_size, cp_rank)
-
-        extra = {k: cut(v) for k, v in self.extra.items()}
-        extra["response_lengths"] = self.response_lengths
-        return MicroBatch(cut(self.tokens), cut(self.labels), cut(self.loss_mask), self.index, extra)
+from agro_megatron.train.layout import MicroBatch
 
 
 class PolicyWithReference(torch.nn.Module):
@@ -59,7 +33,7 @@ class PolicyWithReference(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.reference = reference
-        self.config = _unwrap(policy).config
+        self.config = unwrap_model(policy).config
         self._input = None
 
     def __getattr__(self, name):
@@ -78,26 +52,20 @@ class PolicyWithReference(torch.nn.Module):
         t = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
         self._input = t
         if t is None:
-            _unwrap(self.policy).set_input_tensor(None)
+            unwrap_model(self.policy).set_input_tensor(None)
             self.reference.set_input_tensor(None)
         else:
             pol, ref = t.chunk(2, dim=1)  # [s, 2b, h]
-            _unwrap(self.policy).set_input_tensor(pol)
+            unwrap_model(self.policy).set_input_tensor(pol)
             self.reference.set_input_tensor(ref)
 
     def forward(self, input_ids, position_ids, attention_mask=None):
         out_pol = self.policy(input_ids, position_ids, attention_mask)
         with torch.no_grad():
             out_ref = self.reference(input_ids, position_ids, attention_mask)
-        if _unwrap(self.policy).post_process:
+        if unwrap_model(self.policy).post_process:
             return torch.cat([out_pol, out_ref.detach()], dim=0)  # logits [2b, s, V/tp]
         return torch.cat([out_pol, out_ref.detach()], dim=1)      # hidden [s, 2b, h]
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "post_process"):
-        model = model.module
-    return model
 
 
 def run_micro_batches(
@@ -177,54 +145,6 @@ def _whole_sequence_stats(st: dict, cp_size: int) -> dict:
             out[key] = v
         else:
             out[key] = gather_sequence(v, 1, group)
-    return out
-
-
-def make_micro_batches(tokens: list[list[int]], prompt_lens: list[int], *, pad_id: int,
-                       max_tokens: int, uniform: bool, pad_multiple: int = 8) -> list[MicroBatch]:
-    """Pack sequences (prompt + response ids) into right-padded micro-batches under a token budget.
-
-    Every sequence keeps its row number (`index`) so per-token results can be scattered back.
-    `uniform=True` (pipeline parallel) gives every micro-batch the same [b, L]. Lengths are padded
-    to a multiple of `pad_multiple` and of 2*CP (context parallelism's chunks).
-    """
-    if not tokens:
-        return []
-    pad_multiple = math.lcm(pad_multiple, 2 * cp_size_and_rank()[0])
-    lengths = [len(t) for t in tokens]
-    longest = max(lengths)
-    L_all = -(-longest // pad_multiple) * pad_multiple
-    per_mb = max(1, min(len(tokens), max_tokens // L_all))
-    order = list(range(len(tokens))) if uniform else sorted(range(len(tokens)), key=lambda i: lengths[i])
-    out = []
-    for start in range(0, len(order), per_mb):
-        rows = order[start:start + per_mb]
-        L = L_all if uniform else -(-max(lengths[i] for i in rows) // pad_multiple) * pad_multiple
-        b = per_mb if uniform else len(rows)
-        tok = torch.full((b, L), pad_id, dtype=torch.long)
-        lab = torch.full((b, L), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, L), dtype=torch.float32)
-        index = torch.full((b,), -1, dtype=torch.long)
-        for j, i in enumerate(rows):
-            seq = torch.tensor(tokens[i], dtype=torch.long)
-            n = len(seq)
-            tok[j, :n] = seq
-            lab[j, :n - 1] = seq[1:]
-            mask[j, prompt_lens[i] - 1:n - 1] = 1.0  # positions predicting response tokens
-            index[j] = i
-        out.append(MicroBatch(tok, lab, mask, index))
-    return out
-
-
-def scatter_rows(stats: list[dict], micro_batches: list[MicroBatch], key: str, num_rows: int,
-                 length: int) -> torch.Tensor:
-    """Reassemble a per-position stat [b, L] from every micro-batch into [num_rows, length]."""
-    out = torch.zeros(num_rows, length, dtype=torch.float32)
-    for st, mb in zip(stats, micro_batches):
-        valid = mb.index >= 0
-        vals = st[key].detach().float().cpu()[valid]
-        L = min(length, vals.shape[1])
-        out[mb.index[valid], :L] = vals[:, :L]
     return out
 
 

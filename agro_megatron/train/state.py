@@ -3,25 +3,28 @@
 Layout of `<dir>/step_000123/`:
     state/                 megatron dist_checkpointing (torch_dist) of {"model", "optimizer"}: one tree,
                            as megatron expects (the optimizer's sharding refers to the model's)
-    rank_00003.pt          per-rank state: RNG states, replay buffer, counters, scheduler, metrics
+    rank_00003.pt          per-rank state of every Stateful component (CheckpointManager's `states`):
+                           progress counters, scheduler, sample source, RNG, metrics history
     trainer_checkpoint.json  the model's layer spec ("local/sdpa", "te/te"): load refuses another spec
     COMPLETE               written last; a directory without it is not a checkpoint
-Saves go to `step_000123.tmp-<pid>` and are renamed by rank 0 after every rank finished, so a
-kill at any moment leaves the previous checkpoint intact (the stale .tmp is removed next save).
+Saves go to a hidden `.step_000123.tmp-<token>` (checkpoint/atomic.py) and are renamed by rank 0
+after every rank finished, so a kill at any moment leaves the previous checkpoint intact (the
+stale temporary directory is removed at the next save).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from agro_megatron.checkpoint.atomic import atomic_dir, remove_stale
 from agro_megatron.checkpoint.errors import IncompatibleCheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -83,14 +86,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(s: str) -> str:
-    if not dist.is_initialized():
-        return s
-    box = [s]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _optimizer_sharded_state(optimizer, model_sd: dict, is_loading: bool) -> dict:
     """The DistributedOptimizer needs the DP-reshardable layout on CPU/gloo; others take no option."""
     import inspect
@@ -102,39 +97,23 @@ def _optimizer_sharded_state(optimizer, model_sd: dict, is_loading: bool) -> dic
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: str):
-    """Every rank writes into the yielded temp dir; after all finished, rank 0 marks it COMPLETE and
-    renames it to `final`. A kill at any point leaves `final` (if it existed) untouched."""
-    tmp = _broadcast_str(f"{final}.tmp-{os.getpid()}")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    yield tmp
-    _barrier()
-    if _rank() == 0:
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    _barrier()
-
-
 def model_sharded_state(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict()
 
 
-def save_model(model: torch.nn.Module, path: str) -> None:
+def save_model_checkpoint(path: str, model: torch.nn.Module) -> None:
     """Model weights only (e.g. the SFT result that becomes the reference), atomically."""
     from megatron.core import dist_checkpointing
 
-    with _atomic_dir(path) as tmp:
+    if _rank() == 0:
+        remove_stale(os.path.dirname(path), os.path.basename(path))
+    with atomic_dir(path, collective=True, marker="COMPLETE") as tmp:
+        tmp = str(tmp)
         dist_checkpointing.save(model_sharded_state(model), tmp)
         _write_layer_spec(tmp, model)
 
 
-def load_model(model: torch.nn.Module, path: str) -> None:
+def load_model_checkpoint(path: str, model: torch.nn.Module) -> None:
     from megatron.core import dist_checkpointing
 
     if not os.path.exists(os.path.join(path, "COMPLETE")):
@@ -144,17 +123,16 @@ def load_model(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer, rank_state: dict,
+def save_trainer_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer, *, rank_state: dict,
                     keep_last: int) -> str:
     """Save model + optimizer (sharded) + this rank's state for `step`; return the final path."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, f"step_{step:06d}")
-    if _rank() == 0 and os.path.isdir(root):
-        for name in os.listdir(root):  # leftovers of an interrupted save
-            if ".tmp-" in name:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    with _atomic_dir(final) as tmp:
+    if _rank() == 0:
+        remove_stale(root)  # leftovers of an interrupted save
+    with atomic_dir(final, collective=True, marker="COMPLETE") as tmp:
+        tmp = str(tmp)
         model_sd = model_sharded_state(model)
         opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=False)
         if _rank() == 0:
@@ -209,7 +187,7 @@ def check_layer_spec(path: str, model: torch.nn.Module) -> None:
             "again in a fresh logging.dir). Nothing was loaded.")
 
 
-def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer) -> dict:
+def load_trainer_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer from `path`; return this rank's saved state."""
     from megatron.core import dist_checkpointing
 
@@ -224,3 +202,53 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer) -> dict:
         raise RuntimeError(f"{path} was written by a job with fewer ranks (no {os.path.basename(rank_file)}); "
                            "resume with the same world size")
     return torch.load(rank_file, weights_only=False)
+
+
+# -- what a trainer checkpoint holds besides the model and the optimizer ---------------------------
+class Stateful(Protocol):
+    """A component with resume state: the checkpoint manager saves and restores the set of them."""
+
+    def state_dict(self) -> dict:
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+
+class RNGState:
+    """This rank's random generators (python, numpy, torch, megatron's tracker, CUDA)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+class CheckpointManager:
+    """Trainer checkpoints under `root`: the model and the optimizer (sharded, megatron's
+    dist_checkpointing) plus every component in `states`, each under its own name in the per-rank
+    file. Components declare their state (`Stateful`); nothing else decides what is saved."""
+
+    def __init__(self, root: str, *, model: torch.nn.Module, optimizer, states: dict[str, Stateful],
+                 keep_last: int):
+        self.root, self.model, self.optimizer, self.states, self.keep_last = root, model, optimizer, states, keep_last
+
+    def save(self, step: int) -> str:
+        rank_state = {name: component.state_dict() for name, component in self.states.items()}
+        return save_trainer_checkpoint(self.root, step, self.model, self.optimizer,
+                               rank_state=rank_state, keep_last=self.keep_last)
+
+    def latest(self) -> str | None:
+        return latest_checkpoint(self.root)
+
+    def load(self, path: str) -> None:
+        saved = load_trainer_checkpoint(path, self.model, self.optimizer)
+        missing = sorted(set(self.states) - set(saved))
+        if missing:
+            raise IncompatibleCheckpointError(
+                f"{path} holds no state for {', '.join(missing)} (written by another version of agro-megatron "
+                "or another regime): resume with the code and config that wrote it, or start a fresh run "
+                "(checkpoint.resume=never, or a new logging.dir)")
+        for name, component in self.states.items():
+            component.load_state_dict(saved[name])
