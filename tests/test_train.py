@@ -178,3 +178,14 @@ def test_paper_configs_run_shrunk_at_their_layout(tmp_path):
         if r["regime"] != "replay":
             assert r["replay_fraction"] == [expected, expected], name
     assert runs["offline_kl_pg"]["estimator"] == "kl_pg" and runs["replay_agro_on"]["regime"] == "replay"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_starting_weights_reach_the_optimizer(tmp_path, dtype):
+    """A learning-rate-0 step leaves the loaded (SFT) weights as they are: in bf16 the optimizer's
+    fp32 master copies were taken at build time, before the weights were loaded, and used to
+    overwrite them with the random initialisation at the first step."""
+    out = run_distributed(tc.zero_lr_step_keeps_loaded_weights, 1, args=(str(tmp_path), dtype))[0]
+    assert out["skipped"] == 0.0 and out["checked"] > 10
+    assert out["changed"] == [], out["changed"][:5]

@@ -60,7 +60,7 @@ def _micro_batches(step: int):
     """A seeded batch per (step, DP rank): 4 sequences of different lengths."""
     from megatron.core import parallel_state as ps
 
-    from agro_megatron.train.pipeline import make_micro_batches
+    from agro_megatron.train.layout import make_micro_batches
 
     g = torch.Generator().manual_seed(1000 * step + ps.get_data_parallel_rank())
     seqs = [torch.randint(1, ARCH.vocab_size, (n,), generator=g).tolist() for n in (9, 14, 20, 11)]

@@ -221,3 +221,24 @@ def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
             fv.EngineRecord.generate = record_generate
             loop.Trainer.train_step = original_train_step
     return out
+
+
+def zero_lr_step_keeps_loaded_weights(log_dir: str, dtype: str) -> dict:
+    """SFT (2 steps) then one RL step at learning rate 0: the policy must still hold the weights
+    it was started from (the SFT model). With bf16 the optimizer keeps fp32 master weights; if
+    they were not reloaded after the starting weights were loaded, the step writes the random
+    initialisation back."""
+    from agro_megatron.train.loop import Trainer
+    from agro_megatron.train.run import setup_job
+
+    cfg = tiny_config(log_dir, **{"model.dtype": dtype, "sft.steps": 2, "sft.batch_size": 4, "optim.lr": 0.0,
+                                  "checkpoint.save_every": 0})
+    run, parts = setup_job(cfg, reward_fn=length_reward)
+    start = {k: v.detach().clone() for k, v in parts.bundle.module.state_dict().items() if torch.is_tensor(v)}
+    trainer = Trainer(run, bundle=parts.bundle, engine=parts.engine, objective=parts.objective,
+                      source=parts.source, evaluator=parts.evaluator)
+    out = trainer.train_step(0)
+    after = parts.bundle.module.state_dict()
+    changed = sorted(k for k, v in start.items() if not torch.equal(v, after[k]))
+    parts.engine.close()
+    return {"changed": changed, "skipped": out["train/skipped"], "checked": len(start)}
