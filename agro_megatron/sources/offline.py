@@ -29,6 +29,14 @@ class OfflineSource:
         self.path, self.prompts_per_step, self.seed = path, prompts_per_step, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
+    @classmethod
+    def from_config(cls, algorithm, *, fresh, progress, **parts) -> "OfflineSource":
+        """Generates the file first when it does not exist (from the engine's starting weights)."""
+        prompts = fresh.prompts
+        generate_offline_data(algorithm.offline_data, prompts.problems, prompts.encode, fresh.rollouts, progress)
+        return cls(algorithm.offline_data, prompts_per_step=prompts.prompts_per_step, seed=prompts.seed,
+                   dp_rank=prompts.dp_rank, dp_size=prompts.dp_size)
+
     def next_batch(self, step: int, timings: dict) -> StepSamples:
         idx = prompt_indices(len(self.records), self.prompts_per_step, step, self.seed, self.dp_rank, self.dp_size)
         recs = [self.records[i] for i in idx]

@@ -10,6 +10,10 @@ class OnPolicySource:
     def __init__(self, prompts: PromptStream, rollouts: RolloutGenerator):
         self.prompts, self.rollouts = prompts, rollouts
 
+    @classmethod
+    def from_config(cls, algorithm, *, fresh: "OnPolicySource", **parts) -> "OnPolicySource":
+        return fresh
+
     def next_batch(self, step: int, timings: dict) -> StepSamples:
         return self.sample(step, version=step, timings=timings)
 

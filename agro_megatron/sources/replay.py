@@ -20,6 +20,10 @@ class ReplaySource:
         self.fresh, self.p, self.seed = fresh, p, seed
         self.buffer = ReplayBuffer(capacity)
 
+    @classmethod
+    def from_config(cls, algorithm, *, fresh: OnPolicySource, **parts) -> "ReplaySource":
+        return cls(fresh, capacity=algorithm.replay_capacity, p=algorithm.replay_p, seed=fresh.prompts.seed)
+
     def next_batch(self, step: int, timings: dict) -> StepSamples:
         batch = self.fresh.next_batch(step, timings)
         rng = step_rng(self.seed, step, "replay")

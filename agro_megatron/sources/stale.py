@@ -29,6 +29,16 @@ class StaleSource:
         self.fresh, self.engine, self.behaviour_model, self.staleness = fresh, engine, behaviour_model, staleness
         self.snapshots: list[dict] = [_host_copy(policy)]   # oldest first; [-1] is the current policy
 
+    @classmethod
+    def from_config(cls, algorithm, *, fresh: OnPolicySource, policy: torch.nn.Module,
+                    build_behaviour_model, **parts):
+        if algorithm.staleness == 0:
+            return fresh  # stale by 0 versions is on-policy by definition
+        behaviour = build_behaviour_model()
+        behaviour.load_state_dict(policy.state_dict(), strict=False)
+        return cls(fresh, engine=fresh.rollouts.engine, behaviour_model=behaviour, policy=policy,
+                   staleness=algorithm.staleness)
+
     def next_batch(self, step: int, timings: dict) -> StepSamples:
         behind = len(self.snapshots) - 1
         if behind:
