@@ -94,7 +94,54 @@ def _optimizer_sharded_state(optimizer, model_sd: dict, is_loading: bool) -> dic
     kwargs = {}
     if "sharding_type" in inspect.signature(inner.sharded_state_dict).parameters:
         kwargs["sharding_type"] = "dp_reshardable"
+    if is_loading:
+        _allocate_adam_state(optimizer)
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam/AdamW inside a megatron optimizer its (zero) state before a load.
+
+    Without apex or TransformerEngine, megatron-core 0.16.1's DistributedOptimizer reads the step
+    count out of the inner optimizer's per-parameter state while building the sharded state dict
+    to load into (distrib_optimizer.py: `assert len(steps) == 1`), and a fresh optimizer has none:
+    every resume with the distributed optimizer (DP > 1) failed there. Every value set here is
+    overwritten by the load (the moments by the sharded state, the step by the saved param groups).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Each parameter's Adam step count, as saved, in a tensor of its own.
+
+    Without apex or TransformerEngine, megatron-core 0.16.1's DistributedOptimizer keeps torch
+    Adam's per-parameter `step` out of its sharded parameter state ("read from param_groups"), but
+    its dp_reshardable load then writes back the step tensor the state held when the load was
+    prepared, and the one it set from the param groups before that is shared by every parameter
+    (torch's Adam increments each counter in place). Either way the bias correction after a resume
+    was wrong; the saved param groups hold the true count.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    # a ChainedOptimizer of several keeps each one's state under its index (optimizer.py)
+    states = [loaded] if len(chained) == 1 else [loaded.get(i, loaded.get(str(i), {})) for i in range(len(chained))]
+    for opt, state in zip(chained, states):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        steps = {g["step"] for g in state.get("optimizer", {}).get("param_groups", []) if "step" in g}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for st in inner.state.values():
+                st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def model_sharded_state(model: torch.nn.Module) -> dict:
@@ -192,11 +239,13 @@ def load_trainer_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dic
     from megatron.core import dist_checkpointing
 
     check_layer_spec(path, model)  # before anything is read into the model or the optimizer
-    model_sd = model_sharded_state(model)
-    opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=True)
-    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, os.path.join(path, "state"))
-    model.load_state_dict(loaded["model"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the distributed optimizer's fp32 shards are views of the parameters
+        model_sd = model_sharded_state(model)
+        opt_sd = _optimizer_sharded_state(optimizer, model_sd, is_loading=True)
+        loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, os.path.join(path, "state"))
+        model.load_state_dict(loaded["model"], strict=True)
+        optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
     if not os.path.exists(rank_file):
         raise RuntimeError(f"{path} was written by a job with fewer ranks (no {os.path.basename(rank_file)}); "
