@@ -1,9 +1,10 @@
 """Time per optimizer step of agro_on vs rloo on the same rollouts (tiny model, CPU).
 
 Both estimators share everything but the advantage formula, so the ratio measures the overhead
-of AGRO's likelihood-ratio term (and of computing its norms for the logs). One rollout batch is
-generated once; then advantages + one optimizer step are timed for each estimator, interleaved,
-median of several repetitions. Last line: `agro_over_rloo=<ratio>` (target <= 1.05).
+of AGRO's likelihood-ratio term. One rollout batch is generated and its log-probs computed once;
+then `Trainer.optimize` (the objective's advantages + one optimizer step) is timed for each
+estimator's Objective, interleaved, median of several repetitions. Last line:
+`agro_over_rloo=<ratio>` (target <= 1.05).
 """
 from __future__ import annotations
 
