@@ -194,7 +194,7 @@ class JobConfig:
         from agro_megatron.losses import (ESTIMATORS, LOGRATIO_REDUCTIONS, RATIO_BASELINES, TOKEN_ESTIMATORS,
                                           validate_algorithm)
         from agro_megatron.rollout import ENGINE_KINDS
-        from agro_megatron.sources import REGIMES
+        from agro_megatron.sources import REGIMES, source_class
 
         a, r, p = self.algorithm, self.rollout, self.parallel
         _one_of("algorithm.estimator", a.estimator, ESTIMATORS)
@@ -213,20 +213,17 @@ class JobConfig:
         if r.n < 2:
             raise ConfigError(f"rollout.n={r.n}: AGRO's leave-one-out baseline needs at least 2 "
                               "responses per prompt; set rollout.n >= 2")
-        try:  # beta and the estimator pairings: the losses' own rule, so what validates here trains
+        # the algorithm's rules live with the code that implements them: the sample source's for
+        # the regime, the losses' for beta and the estimator pairings (so what validates here trains)
+        source = source_class(a)
+        try:
+            source.check_config(a)
             validate_algorithm(a.estimator, a.beta, token_estimator=a.token_estimator,
-                               ratio_baseline=a.ratio_baseline, logratio_reduction=a.logratio_reduction)
+                               ratio_baseline=a.ratio_baseline, logratio_reduction=a.logratio_reduction,
+                               on_policy_samples=source.samples_are_on_policy)
         except ValueError as err:
-            raise ConfigError(f"algorithm (estimator={a.estimator}, beta={a.beta}, token_estimator="
-                              f"{a.token_estimator}): {err}") from None
-        if a.token_estimator in ("causal", "local_kl") and a.regime != "on_policy":
-            raise ConfigError(f"algorithm.token_estimator={a.token_estimator} is only valid on "
-                              "on-policy samples; use vanilla with regime " + a.regime)
-        if a.regime == "offline" and not a.offline_data:
-            raise ConfigError("algorithm.regime=offline needs algorithm.offline_data: a JSONL path; when "
-                              "the file does not exist yet it is generated once from pi_ref and reused")
-        if not 0.0 <= a.replay_p <= 1.0:
-            raise ConfigError(f"algorithm.replay_p={a.replay_p} must be a probability in [0, 1]")
+            raise ConfigError(f"algorithm (regime={a.regime}, estimator={a.estimator}, beta={a.beta}, "
+                              f"token_estimator={a.token_estimator}): {err}") from None
         if r.temperature < 0:
             raise ConfigError(f"rollout.temperature={r.temperature} must be >= 0")
         for key, value in (("model.megatron_checkpoint", self.model.megatron_checkpoint),

@@ -76,9 +76,11 @@ def _check_shape(name: str, t: Tensor | None, shape: torch.Size, needed_by: str)
 
 
 def validate_algorithm(estimator: str, beta: float, *, token_estimator: str = "vanilla",
-                       ratio_baseline: str = "loo_var", logratio_reduction: str = "sum") -> None:
+                       ratio_baseline: str = "loo_var", logratio_reduction: str = "sum",
+                       on_policy_samples: bool = True) -> None:
     """Raise ValueError naming the problem unless the estimators accept these settings (the one
-    rule set: the config's validation and the objective both call this)."""
+    rule set: the config's validation and the objective both call this). `on_policy_samples`:
+    whether every sample will come from the current policy (the sample source says)."""
     _choose("estimator", estimator, ESTIMATORS)
     _choose("token_estimator", token_estimator, TOKEN_ESTIMATORS)
     _choose("ratio_baseline", ratio_baseline, RATIO_BASELINES)
@@ -88,6 +90,9 @@ def validate_algorithm(estimator: str, beta: float, *, token_estimator: str = "v
         raise ValueError(
             f"token_estimator {token_estimator!r} only changes estimators with a log-ratio term "
             f"({', '.join(_REGULARIZED)}); {estimator} has none: use token_estimator='vanilla'")
+    if token_estimator != "vanilla" and not on_policy_samples:
+        raise ValueError(f"algorithm.token_estimator={token_estimator} is only valid on on-policy samples, and "
+                         "this regime trains on off-policy ones; use token_estimator=vanilla")
 
 
 def _loo_diff(x: Tensor) -> Tensor:

@@ -8,8 +8,8 @@
 They share one interface (base.SampleSource: next_batch, after_step, state_dict /
 load_state_dict); `make_sample_source` (factory.py) is the one place a regime name is read.
 """
-from agro_megatron.sources.factory import SOURCES, make_sample_source
+from agro_megatron.sources.factory import SOURCES, make_sample_source, source_class
 
 REGIMES = tuple(SOURCES)
 
-__all__ = ["REGIMES", "SOURCES", "make_sample_source"]
+__all__ = ["REGIMES", "SOURCES", "make_sample_source", "source_class"]

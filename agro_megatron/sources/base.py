@@ -40,7 +40,14 @@ class StepSamples:
 
 
 class SampleSource(Protocol):
-    """One object per regime (sources/__init__.py builds it from the config)."""
+    """One object per regime (sources/factory.py builds it from the config).
+
+    Class-level facts the config's validation reads: `samples_are_on_policy` (every sample drawn
+    from the current policy: the token-level estimators need it) and `check_config(algorithm)`
+    (raises ValueError naming the key and the fix).
+    """
+
+    samples_are_on_policy: bool
 
     def next_batch(self, step: int, timings: dict) -> StepSamples:
         """This rank's samples for `step`; `timings["reward_s"]` gets the seconds spent rewarding."""

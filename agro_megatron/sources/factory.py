@@ -18,14 +18,19 @@ from agro_megatron.sources.stale import StaleSource
 SOURCES = {"on_policy": OnPolicySource, "offline": OfflineSource, "replay": ReplaySource, "stale": StaleSource}
 
 
+def source_class(algorithm):
+    """The SampleSource class of `algorithm.regime` (ValueError naming the choices if unknown)."""
+    if algorithm.regime not in SOURCES:
+        raise ValueError(f"algorithm.regime={algorithm.regime!r} is not valid; choose one of {', '.join(SOURCES)}")
+    return SOURCES[algorithm.regime]
+
+
 def make_sample_source(algorithm, *, prompts: PromptStream, rollouts: RolloutGenerator,
                        policy: torch.nn.Module, build_behaviour_model: Callable[[], torch.nn.Module],
                        progress: Callable) -> SampleSource:
     """`policy`: the bare policy module now (version 0); `build_behaviour_model()`: a fresh model of
     the policy's shape (the stale regime's snapshots live in it); `progress(total, desc=)`: a
     progress bar (generating offline data)."""
-    if algorithm.regime not in SOURCES:
-        raise ValueError(f"algorithm.regime={algorithm.regime!r}: choose one of {', '.join(SOURCES)}")
-    return SOURCES[algorithm.regime].from_config(
+    return source_class(algorithm).from_config(
         algorithm, fresh=OnPolicySource(prompts, rollouts), policy=policy,
         build_behaviour_model=build_behaviour_model, progress=progress)

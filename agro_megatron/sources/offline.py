@@ -21,6 +21,14 @@ GENERATION_BATCH = 32  # prompts per engine call while generating the file
 
 
 class OfflineSource:
+    samples_are_on_policy = False
+
+    @staticmethod
+    def check_config(algorithm) -> None:
+        if not algorithm.offline_data:
+            raise ValueError("algorithm.regime=offline needs algorithm.offline_data: a JSONL path; when the file "
+                             "does not exist yet it is generated once from pi_ref and reused")
+
     def __init__(self, path: str, *, prompts_per_step: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
         with open(path) as f:
             self.records = [json.loads(line) for line in f if line.strip()]

@@ -7,6 +7,12 @@ from agro_megatron.sources.base import PromptStream, RolloutGenerator, StepSampl
 
 
 class OnPolicySource:
+    samples_are_on_policy = True
+
+    @staticmethod
+    def check_config(algorithm) -> None:
+        pass
+
     def __init__(self, prompts: PromptStream, rollouts: RolloutGenerator):
         self.prompts, self.rollouts = prompts, rollouts
 

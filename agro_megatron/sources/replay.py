@@ -16,6 +16,15 @@ from agro_megatron.sources.on_policy import OnPolicySource
 
 
 class ReplaySource:
+    samples_are_on_policy = False
+
+    @staticmethod
+    def check_config(algorithm) -> None:
+        if not 0.0 <= algorithm.replay_p <= 1.0:
+            raise ValueError(f"algorithm.replay_p={algorithm.replay_p} must be a probability in [0, 1]")
+        if algorithm.replay_capacity < 1:
+            raise ValueError(f"algorithm.replay_capacity={algorithm.replay_capacity} must be >= 1 (samples kept)")
+
     def __init__(self, fresh: OnPolicySource, *, capacity: int, p: float, seed: int):
         self.fresh, self.p, self.seed = fresh, p, seed
         self.buffer = ReplayBuffer(capacity)

@@ -22,6 +22,13 @@ class StaleSource:
     """`behaviour_model`: a model of the policy's architecture and layout (built once), the
     snapshots' host on the device; `policy`: the policy's bare module, version 0."""
 
+    samples_are_on_policy = False
+
+    @staticmethod
+    def check_config(algorithm) -> None:
+        if algorithm.staleness < 0:
+            raise ValueError(f"algorithm.staleness={algorithm.staleness} must be >= 0 (policy versions behind)")
+
     def __init__(self, fresh: OnPolicySource, *, engine, behaviour_model: torch.nn.Module,
                  policy: torch.nn.Module, staleness: int):
         if staleness < 1:

@@ -192,7 +192,7 @@ def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
             snaps = getattr(self.source, "snapshots", [])  # the stale source's versions, oldest first
             policy = _embedding_fingerprint(self.bundle.module.embedding.word_embeddings.weight, vocab)
             expected = policy
-            if self.cfg.algorithm.regime == "stale" and len(snaps) > 1:
+            if len(snaps) > 1:  # behind: the oldest snapshot is what the engine must sample from
                 expected = _embedding_fingerprint(snaps[0]["embedding.word_embeddings.weight"], vocab)
             current.clear()
             scalars = original_train_step(self, step)
