@@ -183,12 +183,45 @@ def test_existing_output_and_overwrite(ckpts, tmp_path, capsys):
         import_hf(ckpts["bf16_tied"], out)
     assert cli_main(["import", "--hf", str(ckpts["bf16_tied"]), "--out", str(out), "--quiet"]) == 2
     assert "OutputExistsError" in capsys.readouterr().err
-    import_hf(ckpts["bf16_tied"], out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "agro_checkpoint.json").exists()
+    # --overwrite replaces only an earlier agro-convert output: a user's directory stays as it is
+    with pytest.raises(OutputExistsError, match="nothing was deleted"):
+        import_hf(ckpts["bf16_tied"], out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    ours = tmp_path / "ours"
+    import_hf(ckpts["bf16_tied"], ours)
+    (ours / "stale.txt").write_text("from the earlier output")
+    import_hf(ckpts["bf16_tied"], ours, overwrite=True)
+    assert not (ours / "stale.txt").exists() and (ours / "agro_checkpoint.json").exists()
+    hf = tmp_path / "hf"
+    export_hf(ours, hf)
+    export_hf(ours, hf, overwrite=True)  # an earlier export is ours too
     with pytest.raises(OutputExistsError):
-        export_hf(out, ckpts["bf16_tied"].parent / "fp32_untied")
+        export_hf(ours, ckpts["bf16_tied"].parent / "fp32_untied")
     with pytest.raises(convert.ConversionError, match="separate directory"):
         import_hf(ckpts["bf16_tied"], ckpts["bf16_tied"] / "sub", overwrite=True)
+
+
+def test_overwrite_never_deletes_the_source(ckpts, tmp_path):
+    """--out equal to, inside, or containing the source is refused before anything is touched,
+    with or without --overwrite: `import --hf models/llama --out models --overwrite` used to delete
+    models/ and the source in it."""
+    import shutil
+
+    models = tmp_path / "models"
+    src = models / "llama"
+    shutil.copytree(ckpts["bf16_tied"], src)
+    (models / "other.txt").write_text("another model's notes")
+    before = sorted(p.relative_to(models) for p in models.rglob("*"))
+    for out in (models, src, src / "sub", tmp_path):
+        with pytest.raises(convert.ConversionError, match="contains, equals or lies inside"):
+            import_hf(src, out, overwrite=True)
+    mega = tmp_path / "mega"
+    import_hf(src, mega)
+    for out in (tmp_path, mega, mega / "hf"):
+        with pytest.raises(convert.ConversionError, match="contains, equals or lies inside"):
+            export_hf(mega, out, overwrite=True)
+    assert sorted(p.relative_to(models) for p in models.rglob("*")) == before
+    assert (models / "other.txt").exists() and (mega / "agro_checkpoint.json").exists()
 
 
 def test_interrupted_import_leaves_nothing(ckpts, tmp_path, monkeypatch):
@@ -207,6 +240,7 @@ def test_interrupted_import_leaves_nothing(ckpts, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "old").write_text("previous")
+    (tmp_path / "m" / convert.OUTPUT_MARKER).touch()  # an earlier output of ours: --overwrite may replace it
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         import_hf(ckpts["fp32_untied"], tmp_path / "m", tp=2, overwrite=True)

@@ -105,20 +105,38 @@ def _declared_dtype(config: dict) -> torch.dtype | None:
         return None
 
 
+# Written into every directory agro-convert creates: --overwrite replaces only directories holding
+# it (or, from before it existed, an import's META_NAME), never anything else.
+OUTPUT_MARKER = ".agro-convert-output"
+
+
+def _is_our_output(out: Path) -> bool:
+    return out.is_dir() and ((out / OUTPUT_MARKER).exists() or (out / META_NAME).exists())
+
+
 def _check_output(out: Path, overwrite: bool, *sources: Path) -> None:
+    o = out.resolve()
     for src in sources:
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise ConversionError(f"--out {out} is (inside) the source {src}: choose a separate directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"output {out} already exists: choose another --out, or pass --overwrite "
-                                "to replace it")
+        s = src.resolve()
+        if o == s or s in o.parents or o in s.parents:
+            raise ConversionError(f"--out {out} contains, equals or lies inside the source {src} (with --overwrite "
+                                  "replacing it would delete the source): choose a separate directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(f"output {out} already exists: choose another --out, or pass --overwrite "
+                                    "to replace an earlier agro-convert output")
+        if not _is_our_output(out):
+            raise OutputExistsError(f"--overwrite replaces only an earlier agro-convert output (a directory holding "
+                                    f"{OUTPUT_MARKER}), and {out} is not one; nothing was deleted: choose another "
+                                    "--out, or remove it yourself")
 
 
 @contextlib.contextmanager
 def _output_dir(out: Path, overwrite: bool):
-    """atomic_dir for a conversion's output (one process), re-checking just before the rename that
-    `out` may be replaced: another process may have created it while we converted."""
+    """atomic_dir for a conversion's output (one process), marked as ours, re-checking just before
+    the rename that `out` may be replaced: another process may have created it while we converted."""
     with atomic_dir(out) as tmp:
+        (Path(tmp) / OUTPUT_MARKER).touch()
         yield tmp
         _check_output(out.absolute(), overwrite)
 
