@@ -400,9 +400,8 @@ def test_seeded_sampling_is_reproducible(inst, tiny):
     assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.token_ids != c.token_ids
 
 
-def _float64_logprobs(state, model_dir, seq: list[int], start: int, temperature: float) -> torch.Tensor:
-    """Independent reference: transformers' float64 forward over the whole sequence (no KV
-    cache), log softmax(logits / T) of each token from position `start` on."""
+def _float64_transformers(state, model_dir):
+    """The independent reference model: transformers' Llama in float64, eager attention."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -411,6 +410,13 @@ def _float64_logprobs(state, model_dir, seq: list[int], start: int, temperature:
     ref.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
     if cfg.tie_word_embeddings:
         ref.tie_weights()
+    return ref
+
+
+def _float64_logprobs(state, model_dir, seq: list[int], start: int, temperature: float) -> torch.Tensor:
+    """Independent reference: transformers' float64 forward over the whole sequence (no KV
+    cache), log softmax(logits / T) of each token from position `start` on."""
+    ref = _float64_transformers(state, model_dir)
     with torch.no_grad():
         logits = ref(input_ids=torch.tensor([seq])).logits[0].double()
     lp = (logits[start - 1:-1] / temperature).log_softmax(-1)
@@ -440,14 +446,7 @@ def test_logprobs_equal_a_float64_transformers_recomputation(inst, tiny, tie):
 
 
 def _replay_exponential_race(state, model_dir, prompt, n, temperature, gen) -> list[int]:
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    cfg._attn_implementation = "eager"
-    ref = LlamaForCausalLM(cfg).double().eval()
-    ref.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
-    if cfg.tie_word_embeddings:
-        ref.tie_weights()
+    ref = _float64_transformers(state, model_dir)
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -468,7 +467,7 @@ def engine_lifecycle_checks() -> dict:
     from agro_megatron.models.llama import build_model
     from agro_megatron.rollout import SamplingParams
     from agro_megatron.rollout import vllm_engine as ve
-    from agro_megatron.testing.weight_sync_checks import _trainer_logprobs, perturb, vllm_arch
+    from agro_megatron.testing.weight_sync_checks import _trainer_logprobs, peaked_vllm_model, perturb, vllm_arch
 
     prompts = [[0, 5, 9], [0, 100, 101, 102, 103, 104], [0, 250]]
     params = SamplingParams(temperature=0.7, max_new_tokens=8, seed=5)
@@ -487,14 +486,7 @@ def engine_lifecycle_checks() -> dict:
 
         for tie, level in ((False, 2), (True, 1)):
             out: dict = {}
-            arch = vllm_arch(tie)
-            torch.manual_seed(0)
-            model = build_model(arch, dtype="fp32")
-            with torch.no_grad():  # peaked next-token distributions (megatron's init is near uniform)
-                for name, p in model.named_parameters():
-                    if "output_layer" in name or (tie and "word_embeddings" in name):
-                        p.mul_(3.0 if tie else 8.0)
-            model.eval()
+            arch, model = peaked_vllm_model(tie)
             # bucket = the largest weight: about one weight per reload_weights call
             engine = ve.VLLMEngine(model, arch=arch, sleep_level=level, max_model_len=128, bucket_bytes=262144,
                                    llm_kwargs={"enable_sleep_mode": True})

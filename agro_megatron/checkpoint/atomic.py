@@ -83,21 +83,16 @@ def atomic_dir(final: str | os.PathLike, *, collective: bool = False,
         dist.barrier()
     try:
         yield tmp if isinstance(final, PurePath) else str(tmp)
+        if collective:
+            dist.barrier()
+        if rank0:
+            if marker:
+                (tmp / marker).touch()
+            _swap_in(tmp, final_path, token)
     except BaseException:
         if not collective:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if collective:
-        dist.barrier()
-    if rank0:
-        try:
-            if marker:
-                (tmp / marker).touch()
-            _swap_in(tmp, final_path, token)
-        except BaseException:
-            if not collective:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if collective:
         dist.barrier()
 

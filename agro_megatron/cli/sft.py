@@ -11,35 +11,22 @@ from __future__ import annotations
 
 import sys
 
+from agro_megatron.cli.job import destroy_process_groups, load_job_config
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nOverrides use dotted keys, e.g. sft.steps=100 logging.dir=runs/x.")
-        return 0
-    config = None
-    if argv and "=" not in argv[0]:
-        config = argv.pop(0)  # without a file, the built-in defaults are the tiny CPU demo
-    import warnings
-
-    # the same optional-dependency notices agro-train silences (README: Installing)
-    for pattern in (r".*(Apex|Transformer Engine).* not installed.*", r".*full scope is deprecated.*",
-                    r".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    from agro_megatron.config import ConfigError, JobConfig
-
-    try:
-        cfg = JobConfig.load(config, argv)
-        cfg.validate()
-        if cfg.sft.steps <= 0:
-            raise ConfigError(f"sft.steps={cfg.sft.steps}: agro-sft runs the SFT warm-up only and has nothing "
-                              "to train; set sft.steps > 0 (e.g. sft.steps=300), or run agro-train, which "
-                              "skips SFT when sft.steps=0")
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"agro-sft: {e}", file=sys.stderr)
-        return 2
+    cfg = load_job_config(sys.argv[1:] if argv is None else argv, prog="agro-sft", doc=__doc__,
+                          help_tail="Overrides use dotted keys, e.g. sft.steps=100 logging.dir=runs/x.")
+    if isinstance(cfg, int):
+        return cfg
     from agro_megatron import parallel
+    from agro_megatron.config import ConfigError
 
+    if cfg.sft.steps <= 0:
+        print(f"agro-sft: sft.steps={cfg.sft.steps}: agro-sft runs the SFT warm-up only and has nothing to train; "
+              "set sft.steps > 0 (e.g. sft.steps=300), or run agro-train, which skips SFT when sft.steps=0",
+              file=sys.stderr)
+        return 2
     try:
         try:
             parallel.init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
@@ -52,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agro-sft: {e}", file=sys.stderr)
         return 2
     finally:
-        try:
-            parallel.destroy()
-        except Exception:
-            pass
+        destroy_process_groups()
     if first:
         print(path, flush=True)  # after every rank finished: the last line
     return 0

@@ -64,6 +64,20 @@ class SampleSource(Protocol):
         ...
 
 
+class StatelessSource:
+    """Base of the sources whose batches depend only on the step and fixed data: nothing to do
+    after a step, nothing to checkpoint."""
+
+    def after_step(self, policy) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def step_rng(seed: int, step: int, salt: str) -> random.Random:
     return random.Random(f"{seed}:{step}:{salt}")
 

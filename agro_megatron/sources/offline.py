@@ -15,12 +15,13 @@ import torch.distributed as dist
 
 from agro_megatron import parallel
 from agro_megatron.data.replay import Sample
-from agro_megatron.sources.base import RolloutGenerator, StepSamples, generate_samples, prompt_indices
+from agro_megatron.sources.base import (RolloutGenerator, StatelessSource, StepSamples, generate_samples,
+                                        prompt_indices)
 
 GENERATION_BATCH = 32  # prompts per engine call while generating the file
 
 
-class OfflineSource:
+class OfflineSource(StatelessSource):
     samples_are_on_policy = False
 
     @staticmethod
@@ -52,15 +53,6 @@ class OfflineSource:
         n = len(samples[0])
         return StepSamples([r["prompt_id"] for r in recs], [r["prompt"] for r in recs],
                            [r["answer"] for r in recs], samples, torch.zeros(len(recs), n, dtype=torch.bool))
-
-    def after_step(self, policy) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def write_records(path: str, records: list[dict]) -> None:

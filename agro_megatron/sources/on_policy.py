@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from agro_megatron.sources.base import PromptStream, RolloutGenerator, StepSamples
+from agro_megatron.sources.base import PromptStream, RolloutGenerator, StatelessSource, StepSamples
 
 
-class OnPolicySource:
+class OnPolicySource(StatelessSource):
     samples_are_on_policy = True
 
     @staticmethod
@@ -29,12 +29,3 @@ class OnPolicySource:
         samples = self.rollouts.generate(prompts, answers, step=step, version=version, timings=timings)
         on_policy = torch.full((len(prompts), self.rollouts.n), version == step, dtype=torch.bool)
         return StepSamples(ids, prompts, answers, samples, on_policy)
-
-    def after_step(self, policy) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

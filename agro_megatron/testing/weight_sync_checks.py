@@ -175,21 +175,28 @@ def _vllm_fixed_logprobs(llm, prompt: list[int], cont: list[int], temperature: f
     return torch.tensor([o.outputs[0].logprobs[0][t].logprob for o, t in zip(outs, cont)], dtype=torch.float64)
 
 
-def vllm_sync_checks(vllm_tp: int, tie: bool) -> dict:
-    """Everything tests/test_vllm_engine.py asserts for one layout, in one launch."""
-    from megatron.core import parallel_state as ps
-
+def peaked_vllm_model(tie: bool):
+    """(arch, model): a seeded megatron model of `vllm_arch(tie)` for this rank's stage, with peaked
+    next-token distributions (megatron's init is near uniform, so samples would tell nothing)."""
     from agro_megatron.models.llama import build_model
-    from agro_megatron.rollout import SamplingParams, make_engine
 
     arch = vllm_arch(tie)
     torch.manual_seed(0)
     model = build_model(arch, dtype="fp32")
-    with torch.no_grad():  # peaked next-token distributions (megatron's init is near uniform)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "output_layer" in name or (tie and "word_embeddings" in name):
                 p.mul_(3.0 if tie else 8.0)
-    model.eval()
+    return arch, model.eval()
+
+
+def vllm_sync_checks(vllm_tp: int, tie: bool) -> dict:
+    """Everything tests/test_vllm_engine.py asserts for one layout, in one launch."""
+    from megatron.core import parallel_state as ps
+
+    from agro_megatron.rollout import SamplingParams, make_engine
+
+    arch, model = peaked_vllm_model(tie)
     last = ps.is_pipeline_last_stage()
     r: dict = {"last_stage": last}
     engine = make_engine("vllm", model, arch=arch, tp=vllm_tp, max_model_len=128, llm_kwargs={"max_logprobs": -1})

@@ -7,6 +7,7 @@ here: train/run.py builds them from this context and hands them to the Trainer e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -60,8 +61,9 @@ class RunData:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> tuple[int, ...]:
+        """Computed once: every rollout and evaluation batch asks for them."""
         from agro_megatron.data import stop_token_ids
 
         return tuple(stop_token_ids(self.tokenizer))
