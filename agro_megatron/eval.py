@@ -9,44 +9,82 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .data.problem import Problem
 from .data.prompt import FINAL_ANSWER_MARKER, SYSTEM_PROMPT, format_prompt
+from .study.stats import pass_at_k  # noqa: F401  (one home for pass@k; eval re-exports it)
 
 GenerateFn = Callable[[list[str], int, float], list[list[str]]]
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 
 CORRECT_THRESHOLD = 0.5  # a sample counts as correct for pass@k when its reward exceeds this
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A folder holding any of these can be a tokenizer folder (transformers' AutoTokenizer)."""
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``c`` correct of ``n`` samples: ``1 - C(n-c, k) / C(n, k)``.
+class EvalInputError(ValueError):
+    """Bad input to an evaluation, found before any work: the message names the option or file
+    and the fix."""
 
-    Computed as ``1 - prod_{i=n-c+1..n} (1 - k/i)``, which never forms the huge binomials.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    prob_all_wrong = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_wrong *= 1.0 - k / i
-    return 1.0 - prob_all_wrong
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail now, not after generating and scoring, if the report cannot be written to ``path``:
+    it must not be a directory, and its folder must exist (or be creatable) and accept files."""
+    out = Path(path)
+    if out.is_dir():
+        raise EvalInputError(f"--out {out} is a directory: give a file path, e.g. {out / 'eval.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise EvalInputError(f"--out {out} cannot be written ({err.strerror or err}): choose a writable path "
+                             "or fix the folder's permissions") from None
+    return out
+
+
+def tokenizer_dir(model_dir: str | os.PathLike | None, tokenizer: str | os.PathLike | None) -> str | None:
+    """The tokenizer folder for ``--model``/``--tokenizer``: ``tokenizer`` if given, else the model
+    folder (or its ``hf_assets/``, where ``agro-convert import`` copies them); an EvalInputError
+    when that folder holds no tokenizer files."""
+    if tokenizer is None and model_dir is None:
+        return None
+    if tokenizer is not None:
+        where, option = os.fspath(tokenizer), "--tokenizer"
+    else:
+        where, option = os.fspath(model_dir), "--model"
+        if os.path.isdir(os.path.join(where, "hf_assets")):
+            where = os.path.join(where, "hf_assets")  # a checkpoint written by agro-convert
+    if not os.path.isdir(where):
+        raise EvalInputError(f"{option} {where}: not a folder with tokenizer files ({', '.join(TOKENIZER_FILES[:2])})")
+    if not any(os.path.exists(os.path.join(where, f)) for f in TOKENIZER_FILES):
+        raise EvalInputError(
+            f"{option} {where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass --tokenizer DIR "
+            "with the model's tokenizer (e.g. the HF checkpoint it was converted from)")
+    return where
+
+
+def _check_batch_size(batch_size) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise EvalInputError(f"batch_size (--batch-size) must be an integer >= 1, got {batch_size!r}")
+    return batch_size
 
 
 def default_score_fn(*, timeout_s: float | None = None, workers: int | None = None) -> ScoreFn:
     """The MATH reward's batch scorer, with only the options the caller set."""
     try:
-        from .rewards.math import score_batch
+        from .rewards.math import score_batch, warm
     except ImportError as err:
         raise ImportError(
             "the default scorer needs agro_megatron.rewards.math.score_batch, which failed to "
             f"import ({err}); pass score_fn=... to score with something else"
         ) from err
     options = {k: v for k, v in (("timeout_s", timeout_s), ("workers", workers)) if v is not None}
+    warm(workers=workers, wait=False)  # the sandbox starts while the model loads and generates
     return lambda responses, truths: score_batch(responses, truths, **options)
 
 
@@ -229,6 +267,7 @@ def score_responses(
     if empty:
         raise ValueError(f"no responses for problems {empty[:5]}{' ...' if len(empty) > 5 else ''}")
     ks = _check_k(k_values, min((len(rs) for rs in responses), default=1))
+    _check_batch_size(batch_size)
     score_fn = score_fn or default_score_fn(timeout_s=timeout_s, workers=workers)
     records: list[dict] = []
     with _progress(len(problems), "scoring", progress) as bar:
@@ -274,6 +313,7 @@ def evaluate(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     ks = _check_k(k_values, n)
+    _check_batch_size(batch_size)
     score_fn = score_fn or default_score_fn(timeout_s=timeout_s, workers=workers)
     make_prompt = prompt_fn or (lambda p: format_prompt(p, tokenizer, system_prompt=system_prompt))
     records: list[dict] = []

@@ -13,6 +13,14 @@ interpreter, torch, both passes; mapped file pages count too).
 time_ratio = the slower of import and export, each over one baseline read + write: each is one
 read and one write of the model's bytes. The round trip is checked bit-identical.
 
+Before the last line it prints where the time goes, per phase (agro_megatron.checkpoint.phases:
+open, read, reshard, plan, write, fsync, finish), for import and export separately, next to the
+baseline's own split (save_file, which also reads its lazily mapped input, and fsync); the median
+over rounds and the median of each round's ratio (conversion vs the baseline run just before it:
+the pair least apart in time on a shared machine). Reads are memory maps pre-faulted with
+MAP_POPULATE: the bytes the kernel has not read by then are faulted in by the first copy or write
+that touches them, and counted there.
+
 Target (issue 3): peak RSS <= 2 x largest tensor + 300 MB, time ratio <= 1.5. Last line:
     peak_rss_mb=<x> largest_tensor_mb=<y> time_ratio=<z>
 """
@@ -55,28 +63,58 @@ def _evict(path: Path) -> None:
 def child_baseline(src: Path, dst: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
+    phases = {"load_file": 0.0, "save_file": 0.0, "fsync": 0.0}
     t = time.perf_counter()
     dst.mkdir(parents=True)
     for f in sorted(src.glob("*.safetensors")):
+        t0 = time.perf_counter()
         tensors = load_file(str(f))
+        t1 = time.perf_counter()
         save_file(tensors, str(dst / f.name), metadata={"format": "pt"})
+        t2 = time.perf_counter()
         del tensors
         with open(dst / f.name, "rb+") as fh:
             os.fsync(fh.fileno())
-    return {"baseline_s": time.perf_counter() - t}
+        phases["load_file"] += t1 - t0
+        phases["save_file"] += t2 - t1
+        phases["fsync"] += time.perf_counter() - t2
+    return {"baseline_s": time.perf_counter() - t, "phases": phases}
 
 
 def child_convert(src: Path, work: Path, tp: int, pp: int) -> dict:
     from agro_megatron.checkpoint.convert import export_hf, import_hf
+    from agro_megatron.checkpoint.phases import PhaseTimer
 
+    timers = {"import": PhaseTimer(), "export": PhaseTimer()}
     t = time.perf_counter()
-    import_hf(src, work / "megatron", tp=tp, pp=pp)
+    import_hf(src, work / "megatron", tp=tp, pp=pp, timer=timers["import"])
     t_import = time.perf_counter() - t
     _evict(work / "megatron")
     t = time.perf_counter()
-    export_hf(work / "megatron", work / "hf_out")
+    export_hf(work / "megatron", work / "hf_out", timer=timers["export"])
     t_export = time.perf_counter() - t
-    return {"import_s": t_import, "export_s": t_export, "peak_rss_mb": _peak_rss_mb()}
+    return {"import_s": t_import, "export_s": t_export, "peak_rss_mb": _peak_rss_mb(),
+            "phases": {k: dict(v.seconds) for k, v in timers.items()}}
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs)
+
+
+def _breakdown(base_phases: list[dict], conv_phases: list[dict]) -> list[str]:
+    """Median seconds per phase over rounds: the baseline's, then import's and export's."""
+    from agro_megatron.checkpoint.phases import PHASES
+
+    lines = ["baseline phases (median s): " + ", ".join(
+        f"{k} {_median([p[k] for p in base_phases]):.2f}" for k in base_phases[0])]
+    for which in ("import", "export"):
+        rows = [p[which] for p in conv_phases]
+        parts = [f"{k} {_median([r.get(k, 0.0) for r in rows]):.2f}" for k in PHASES if any(k in r for r in rows)]
+        lines.append(f"{which} phases (median s): " + ", ".join(parts)
+                     + f"; sum {_median([sum(r.values()) for r in rows]):.2f}")
+    return lines
 
 
 def _run_child(*argv: str) -> dict:
@@ -138,14 +176,17 @@ def main() -> None:
         largest = max(a * b for a, b in [(args.vocab, args.hidden), (args.intermediate, args.hidden)]) * 2
         print(f"checkpoint: {sum(sizes) / 2**20:.0f} MiB in {len(sizes)} shards, largest tensor "
               f"{largest / 2**20:.0f} MiB; TP={args.tp} x PP={args.pp}; {args.rounds} rounds", flush=True)
-        base, imp, exp, peak = [], [], [], []
+        base, imp, exp, peak, base_ph, conv_ph = [], [], [], [], [], []
         for r in range(args.rounds):
             for d in ("copy", "conv"):
                 shutil.rmtree(root / d, ignore_errors=True)
             _evict(src)
-            base.append(_run_child("baseline", str(src), str(root / "copy"))["baseline_s"])
+            b = _run_child("baseline", str(src), str(root / "copy"))
+            base.append(b["baseline_s"])
+            base_ph.append(b["phases"])
             _evict(src)
             conv = _run_child("convert", str(src), str(root / "conv"), str(args.tp), str(args.pp))
+            conv_ph.append(conv["phases"])
             imp.append(conv["import_s"])
             exp.append(conv["export_s"])
             peak.append(conv["peak_rss_mb"])
@@ -157,7 +198,14 @@ def main() -> None:
         ratio = max(ti, te) / b
         budget = 2 * largest_mb + 300
         print(f"baseline read+write {b:.2f} s; import {ti:.2f} s (x{ti / b:.2f}); export {te:.2f} s "
-              f"(x{te / b:.2f}); round trip bit-identical")
+              f"(x{te / b:.2f}); round trip bit-identical (minimum over rounds)")
+        per_round_i = [i / x for i, x in zip(imp, base)]
+        per_round_e = [e / x for e, x in zip(exp, base)]
+        print(f"medians over {args.rounds} rounds: baseline {_median(base):.2f} s, import {_median(imp):.2f} s, "
+              f"export {_median(exp):.2f} s; median per-round ratio: import x{_median(per_round_i):.2f}, "
+              f"export x{_median(per_round_e):.2f}")
+        for line in _breakdown(base_ph, conv_ph):
+            print(line)
         print(f"peak RSS {peak_mb:.0f} MiB vs budget 2 x largest + 300 = {budget:.0f} MiB: "
               f"{'ok' if peak_mb <= budget else 'OVER'}; time ratio {ratio:.2f} vs 1.5: "
               f"{'ok' if ratio <= 1.5 else 'OVER'}")

@@ -3,6 +3,7 @@ responses-file and --model paths of agro-eval."""
 import itertools
 import json
 import math
+import os
 import sys
 import types
 from fractions import Fraction
@@ -204,3 +205,67 @@ def test_default_scorer_with_the_math_reward():
     responses = [[f"Steps. The final answer is {p.answer}.", "The final answer is 123456"] for p in problems]
     report = score_responses(problems, responses, k_values=[1, 2], progress=False)
     assert report.overall.accuracy == pytest.approx(0.5) and report.overall.pass_at_k[2] == 1.0
+
+
+# --- bad inputs: each a named error before any work (issue 17) ---------------------------------
+def _no_scoring(monkeypatch):
+    """A scorer that fails the test if called: the checks must come before any work."""
+    def score_fn(**kw):
+        raise AssertionError("scoring started before the inputs were checked")
+    monkeypatch.setattr(harness, "default_score_fn", score_fn)
+
+
+def _responses_file(tmp_path):
+    problems = load_problems(EXAMPLES / "math_sample.jsonl")
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "responses": [p.answer]}) + "\n" for p in problems))
+    return path
+
+
+def test_cli_out_that_cannot_be_written_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    _no_scoring(monkeypatch)
+    base = ["--data", str(EXAMPLES / "math_sample.jsonl"), "--responses", str(_responses_file(tmp_path)),
+            "--no-progress", "--out"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [(tmp_path, "is a directory"), (a_file / "r.json", "cannot be written")]
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "r.json", "cannot be written"))
+    for out, why in cases:
+        assert main(base + [str(out)]) == 2
+        captured = capsys.readouterr()
+        assert f"--out {out}" in captured.err and why in captured.err and "Traceback" not in captured.err
+        assert captured.out == ""  # no table printed before the error
+    assert a_file.read_text() == "x"
+
+
+def test_cli_model_without_tokenizer_files_is_named(tmp_path, monkeypatch, capsys):
+    _no_scoring(monkeypatch)
+    factory = {}
+    monkeypatch.setitem(sys.modules, "agro_megatron.rollout",
+                        types.SimpleNamespace(make_generate_fn=lambda *a, **kw: factory.setdefault("called", True)))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")  # weights' side only: no tokenizer files
+    assert main(["--data", str(EXAMPLES / "gsm8k_sample.jsonl"), "--model", str(model_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {model_dir} has no tokenizer files" in err and "pass --tokenizer DIR" in err
+    assert not factory  # nothing was loaded or generated
+
+
+def test_batch_size_zero_is_rejected(tmp_path, monkeypatch, capsys):
+    _no_scoring(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(EXAMPLES / "math_sample.jsonl"), "--responses", str(_responses_file(tmp_path)),
+              "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch-size: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    problems = load_problems(EXAMPLES / "math_sample.jsonl")[:2]
+    for bad in (0, -1, True):
+        with pytest.raises(harness.EvalInputError, match="batch_size"):
+            score_responses(problems, [["1"], ["2"]], score_fn=exact_match_score, batch_size=bad, progress=False)
+        with pytest.raises(harness.EvalInputError, match="batch_size"):
+            evaluate(lambda ps, n, t: [["1"] * n for _ in ps], problems, score_fn=exact_match_score,
+                     batch_size=bad, progress=False)

@@ -146,10 +146,18 @@ EQUIVALENT = [
     # scientific notation and percentages as written
     ("1.5\\times 10^{3}", "1500"),
     ("2 \\times 10^{-2}", "0.02"),
+    # thousands separators written as ",\\!" or "{,}", with the source spaces math mode ignores
+    # (Math-Verify's, hendrycks/math's and verl's suites agree; we used to read them as sets)
+    ("\\boxed{11,\\! 111,\\! 111,\\! 100}", "11111111100"),
+    ("\\boxed{32,\\! 349}", "32349"),
+    ("\\boxed{10{,} 000}", "10000"),
+    ("1{,}000{,}000", "1000000"),
 ]
 
 NOT_EQUIVALENT = [
     ("\\frac{1}{2}", "\\frac{1}{3}"),
+    ("32, 349", "32349"),  # a plain ", " separates two numbers; only ",\\!" / "{,}" are separators
+    ("\\boxed{32,\\! 349}", "32, 349"),
     ("0.33", "\\frac{1}{3}"),
     ("0.5", "5"),
     ("2", "-2"),

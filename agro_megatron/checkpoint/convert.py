@@ -20,10 +20,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import importlib.metadata
 import json
+import math
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,9 +37,11 @@ from agro_megatron.models.llama import LlamaArch, padded_vocab_size, parse_dtype
 from . import mapping
 from .atomic import atomic_dir, remove_stale
 from .dist_format import Chunk, DistCheckpointReader, none_object, write_chunks
-from .errors import (CheckpointContentError, ConversionError, DtypeMismatchError, IncompatibleCheckpointError,
-                     NotLlamaError, OutputExistsError, ParallelLayoutError)
-from .hf_io import HFCheckpoint, ShardedSafetensorsWriter
+from .errors import (BadArgumentError, CheckpointContentError, ConversionError, DtypeMismatchError,
+                     IncompatibleCheckpointError, NotLlamaError, OutputExistsError, OutputWriteError,
+                     ParallelLayoutError)
+from .hf_io import HFCheckpoint, ShardedSafetensorsWriter, parse_size, read_json
+from .phases import NO_TIMER
 
 META_NAME = "agro_checkpoint.json"
 ASSETS_DIR = "hf_assets"
@@ -57,7 +63,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.exists():
         raise CheckpointContentError(f"{path} not found: --hf must be a Hugging Face checkpoint directory")
-    config = json.loads(path.read_text())
+    config = read_json(path, "the model's config.json")
     archs = config.get("architectures") or []
     if config.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise NotLlamaError(
@@ -66,11 +72,24 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size")
+
+
 def parse_arch(config: dict, tp: int, pp: int) -> LlamaArch:
+    for name, value in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadArgumentError(f"{name} {value!r} is not a parallel size: use an integer >= 1")
+    for key in _SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise CheckpointContentError(f"config.json: {key} is {value!r}, not a positive integer: fix it or restore "
+                                         "the checkpoint's original config.json")
     try:
         arch = LlamaArch.from_hf_config(config)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointContentError(f"config.json is not a valid Llama config ({type(e).__name__}: {e}): fix it "
+                                     "or restore the checkpoint's original config.json") from None
     try:
         arch.check_parallel(tp, pp)
     except ValueError as e:
@@ -131,14 +150,47 @@ def _check_output(out: Path, overwrite: bool, *sources: Path) -> None:
                                     "--out, or remove it yourself")
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _check_writable(out: Path, need_bytes: int) -> None:
+    """Before any work: `out`'s directory (its nearest existing ancestor, which atomic_dir's mkdir
+    would write into) accepts a new entry, and its filesystem has room for `need_bytes`."""
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputWriteError(f"--out {out}: {parent} is not a directory; choose an --out under a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".agro-convert-probe-", dir=parent))
+    except OSError as e:
+        raise OutputWriteError(f"--out {out} cannot be written: creating an entry in {parent} failed "
+                               f"({e.strerror or e}); choose a writable --out or fix the permissions") from None
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise OutputWriteError(f"--out {out}: {os.strerror(errno.ENOSPC)}: the output needs {need_bytes / 2**20:.1f} "
+                               f"MiB but {parent} has {free / 2**20:.1f} MiB free; free space or choose another --out")
+
+
 @contextlib.contextmanager
 def _output_dir(out: Path, overwrite: bool):
     """atomic_dir for a conversion's output (one process), marked as ours, re-checking just before
-    the rename that `out` may be replaced: another process may have created it while we converted."""
-    with atomic_dir(out) as tmp:
-        (Path(tmp) / OUTPUT_MARKER).touch()
-        yield tmp
-        _check_output(out.absolute(), overwrite)
+    the rename that `out` may be replaced: another process may have created it while we converted.
+
+    A disk (or file-size limit) that fills up mid-write becomes an OutputWriteError that says so,
+    after atomic_dir has removed the partial output; the source is only ever read."""
+    try:
+        with atomic_dir(out) as tmp:
+            (Path(tmp) / OUTPUT_MARKER).touch()
+            yield tmp
+            _check_output(out.absolute(), overwrite)
+    except OSError as e:
+        code = e.errno if e.errno is not None else getattr(e.__cause__, "errno", None)
+        if isinstance(e, ConversionError) or code not in _FULL:
+            raise
+        raise OutputWriteError(f"writing {out} failed: {os.strerror(code)}; the partial output was removed and the "
+                               "source is untouched: free space (or raise the file-size limit) on that filesystem, "
+                               "or choose another --out") from None
 
 
 @contextlib.contextmanager
@@ -168,14 +220,15 @@ class _ChunkReader:
     assembled in a new tensor.
     """
 
-    def __init__(self, arch: LlamaArch, hf: HFCheckpoint, tp: int, dtype: torch.dtype):
-        self.arch, self.hf, self.tp, self.dtype = arch, hf, tp, dtype
+    def __init__(self, arch: LlamaArch, hf: HFCheckpoint, tp: int, dtype: torch.dtype, timer=NO_TIMER):
+        self.arch, self.hf, self.tp, self.dtype, self.timer = arch, hf, tp, dtype, timer
         self._whole: tuple[str, torch.Tensor] | None = None
 
     def chunk(self, w: mapping.Weight, p: mapping.Piece) -> torch.Tensor:
         out = self._columns(w, p) if p.dim == 1 else self._rows(w, p)
         if out.dtype != self.dtype:
-            out = out.to(self.dtype)
+            with self.timer("reshard"):
+                out = out.to(self.dtype)
         return out.unsqueeze(0) if w.layer is not None else out
 
     def _columns(self, w: mapping.Weight, p: mapping.Piece) -> torch.Tensor:
@@ -183,9 +236,13 @@ class _ChunkReader:
         name = w.hf_names[0]
         if self._whole is None or self._whole[0] != name:
             self._whole = None
-            self._whole = (name, self.hf.view(name))
+            with self.timer("read"):
+                self._whole = (name, self.hf.view(name))
         whole = self._whole[1]
-        return whole if p.length == whole.shape[1] else whole.narrow(1, p.start, p.length).contiguous()
+        if p.length == whole.shape[1]:
+            return whole
+        with self.timer("reshard"):
+            return whole.narrow(1, p.start, p.length).contiguous()
 
     def _rows(self, w: mapping.Weight, p: mapping.Piece) -> torch.Tensor:
         self._whole = None
@@ -196,16 +253,22 @@ class _ChunkReader:
                 parts.append((lo - p.start, b.hf_name, b.hf_row + lo - b.row, hi - lo))
         if len(parts) == 1 and parts[0][3] == p.length:  # one contiguous HF row range: no copy
             _, name, row, rows = parts[0]
-            return self.hf.view(name, row, rows)
+            with self.timer("read"):
+                return self.hf.view(name, row, rows)
         shape = list(mapping.full_shape(self.arch, w, self.tp))
         shape[0] = p.length
         out = torch.empty(shape, dtype=self.dtype)
         covered = 0
         for at, name, row, rows in parts:
-            self.hf.read_rows_into(name, row, out[at:at + rows])
+            with self.timer("read"):
+                src = self.hf.view(name, row, rows)
+            with self.timer("reshard"):
+                out[at:at + rows].copy_(src.reshape(out[at:at + rows].shape))
+            del src
             covered += rows
         if covered < p.length:  # vocabulary padding rows
-            out[max(0, self.arch.vocab_size - p.start):].zero_()
+            with self.timer("reshard"):
+                out[max(0, self.arch.vocab_size - p.start):].zero_()
         return out
 
 
@@ -249,12 +312,15 @@ def _copy_assets(hf_dir: Path, dest: Path) -> list[str]:
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
               dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = False,
-              sync: bool = True) -> Path:
+              sync: bool = True, timer=None) -> Path:
     """Convert an HF Llama checkpoint into a megatron torch_dist checkpoint for TP x PP.
 
     dtype: weights' dtype in the checkpoint; default: the source's (which must agree with the
-    config's torch_dtype). Returns the output directory.
+    config's torch_dtype). timer: a phases.PhaseTimer to fill with seconds per phase.
+    Returns the output directory.
     """
+    timer = timer or NO_TIMER
+    start = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = read_hf_config(hf_dir)
     arch = parse_arch(config, tp, pp)
@@ -273,10 +339,13 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
             if src not in _DTYPE_NAMES:
                 raise DtypeMismatchError(f"weights are {src}: pass --dtype bf16 or fp32")
             target = src
-        chunks = plan_chunks(arch, tp, pp, target, _ChunkReader(arch, hf, tp, target))
+        chunks = plan_chunks(arch, tp, pp, target, _ChunkReader(arch, hf, tp, target, timer))
         total = sum(c.nbytes for c in chunks)
+        _check_writable(out_dir, total)
+        timer.add("open", time.perf_counter() - start)
         with _output_dir(out_dir, overwrite) as tmp, _progress(total, "import", progress) as bar, _one_thread():
-            write_chunks(tmp, chunks, sync=sync, on_chunk=bar.update)
+            write_chunks(tmp, chunks, sync=sync, on_chunk=bar.update, timer=timer)
+            finish = time.perf_counter()
             assets = _copy_assets(hf_dir, tmp / ASSETS_DIR)
             write_metadata(tmp, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "tp": tp, "pp": pp,
@@ -287,6 +356,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "writer": writer_info(),
             })
+        timer.add("finish", time.perf_counter() - finish)
     return out_dir
 
 
@@ -313,7 +383,7 @@ def read_metadata(ckpt_dir: str | os.PathLike) -> dict:
         raise CheckpointContentError(
             f"{ckpt_dir} has no {META_NAME}: not a checkpoint written by `agro-convert import` (or an "
             "interrupted one); convert the HF checkpoint with `agro-convert import --hf ... --out ...`")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, f"the checkpoint's {META_NAME}")
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
             f"{ckpt_dir} has format {meta.get('format')} v{meta.get('format_version')}; this agro-megatron reads "
@@ -356,13 +426,18 @@ def hf_parts(arch: LlamaArch, reader: DistCheckpointReader, w: mapping.Weight) -
 
 
 def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-              overwrite: bool = False, progress: bool = False, sync: bool = True) -> Path:
-    """Convert a checkpoint written by `import_hf` (or saved from its models) back to HF format."""
+              overwrite: bool = False, progress: bool = False, sync: bool = True, timer=None) -> Path:
+    """Convert a checkpoint written by `import_hf` (or saved from its models) back to HF format.
+
+    timer: a phases.PhaseTimer to fill with seconds per phase."""
+    timer = timer or NO_TIMER
+    start = time.perf_counter()
     megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
+    parse_size(max_shard_size)  # a bad --max-shard-size fails before any work
     meta = read_metadata(megatron_dir)
     _check_output(out_dir, overwrite, megatron_dir)
     arch = checkpoint_arch(megatron_dir, meta)
-    reader = DistCheckpointReader(megatron_dir)
+    reader = DistCheckpointReader(megatron_dir, timer)
     ws = mapping.weights(arch)
     missing = [w.ckpt_key for w in ws if w.ckpt_key not in reader.metadata.state_dict_metadata]
     if missing:
@@ -371,8 +446,10 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     entries = [(n, s, dtype) for w in ws for n, s in mapping.hf_shapes(arch, w).items()]
     for w in ws:
         _check_stored(arch, reader, w)
+    _check_writable(out_dir, sum(math.prod(s) * d.itemsize for _, s, d in entries))
     with _output_dir(out_dir, overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync)
+        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_size, sync=sync, timer=timer)
+        timer.add("open", time.perf_counter() - start)
         with _progress(writer.total_size, "export", progress) as bar, _one_thread():
             for w in ws:
                 by_name = hf_parts(arch, reader, w)
@@ -380,8 +457,10 @@ def export_hf(megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ma
                     parts = by_name.pop(name)  # drop each tensor's maps once written
                     writer.write(name, parts)
                     bar.update(sum(p.nbytes for p in parts))
-        writer.close()
+        writer.close()  # its last fsync is timed as "fsync"
+        finish = time.perf_counter()
         _write_hf_side_files(megatron_dir, meta, tmp, dtype)
+    timer.add("finish", time.perf_counter() - finish)
     return out_dir
 
 

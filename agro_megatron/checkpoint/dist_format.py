@@ -38,6 +38,7 @@ import math
 import os
 import pickle
 import struct
+import time
 import warnings
 import zipfile
 from typing import Callable, Iterable, Sequence
@@ -53,6 +54,9 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 from torch.utils.serialization import config as serialization_config
+
+from .errors import CorruptFileError
+from .phases import NO_TIMER
 
 _SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled.*"
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -120,15 +124,55 @@ class _LazyPlanner(DefaultSavePlanner):
         return data
 
 
+class _WriteRecorder:
+    """A file's `write` that keeps the OSError it raised: torch.save reports a failed write (a full
+    disk) only as a RuntimeError about zip positions, which names no cause."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self._f.flush()
+
+
+def _save_tensor(data: torch.Tensor, f) -> None:
+    """torch.save `data` into open file `f`; a failed write raises its own OSError (ENOSPC...)."""
+    out = _WriteRecorder(f)
+    try:
+        torch.save(data, out)
+    except RuntimeError as e:
+        if out.error is not None:
+            raise out.error from e
+        raise
+
+
 class _StreamingWriter(FileSystemWriter):
     """Writes each planned chunk to its file as soon as its data is produced (one in memory)."""
 
-    def __init__(self, path, file_of: dict, on_chunk: Callable[[int], None] | None = None, sync: bool = True):
+    def __init__(self, path, file_of: dict, on_chunk: Callable[[int], None] | None = None, sync: bool = True,
+                 timer=NO_TIMER):
         super().__init__(path, single_file_per_rank=True, sync_files=sync, thread_count=1, overwrite=True)
         self._file_of = file_of
         self._on_chunk = on_chunk
+        self._timer = timer
+        self.write_data_s = 0.0  # wall time inside write_data: the rest of dcp.save is planning
 
     def write_data(self, plan: SavePlan, planner) -> Future:
+        start = time.perf_counter()
+        try:
+            return self._write_data(plan, planner)
+        finally:
+            self.write_data_s += time.perf_counter() - start
+
+    def _write_data(self, plan: SavePlan, planner) -> Future:
+        timer = self._timer
         by_file: dict[str, list[WriteItem]] = {}
         for item in plan.items:
             by_file.setdefault(self._file_of[item.index], []).append(item)
@@ -136,47 +180,54 @@ class _StreamingWriter(FileSystemWriter):
         for fname, items in by_file.items():
             with open(os.path.join(self.path, fname), "wb") as f:
                 for item in items:
-                    data = planner.resolve_data(item)
+                    data = planner.resolve_data(item)  # the chunk's producer times its read / reshard
                     offset = f.tell()
-                    if item.type == WriteItemType.BYTE_IO:
-                        f.write(data.getbuffer())
-                        nbytes = 0
-                    else:
-                        torch.save(data, f)
-                        nbytes = data.nbytes
+                    with timer("write"):
+                        if item.type == WriteItemType.BYTE_IO:
+                            f.write(data.getbuffer())
+                            nbytes = 0
+                        else:
+                            _save_tensor(data, f)
+                            nbytes = data.nbytes
                     length = f.tell() - offset
                     results.append(WriteResult(index=item.index, size_in_bytes=length,
                                                storage_data=_StorageInfo(fname, offset, length)))
                     del data
                     if self._on_chunk:
                         self._on_chunk(nbytes)
-                f.flush()
+                with timer("write"):
+                    f.flush()
                 if self.sync_files:
-                    os.fsync(f.fileno())
+                    with timer("fsync"):
+                        os.fsync(f.fileno())
         fut: Future = Future()
         fut.set_result(results)
         return fut
 
 
 def write_chunks(path: str | os.PathLike, chunks: Sequence[Chunk], *, sync: bool = True,
-                 on_chunk: Callable[[int], None] | None = None) -> None:
+                 on_chunk: Callable[[int], None] | None = None, timer=NO_TIMER) -> None:
     """Write one DCP checkpoint made of `chunks` (in order, one file per distinct `Chunk.file`),
-    plus megatron's common.pt and metadata.json."""
+    plus megatron's common.pt and metadata.json. `timer` (phases.PhaseTimer) gets the write,
+    fsync, plan (DCP's own work around the writes) and finish phases."""
+    start = time.perf_counter()
     file_of = {c.write_item().index: c.file for c in chunks}
+    writer = _StreamingWriter(path, file_of, on_chunk, sync, timer)
     # torch.load never checks the zip CRC32 of a record; computing it costs as much as the write.
     try:
         with warnings.catch_warnings(), serialization_config.patch({"save.compute_crc32": False}):
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.save({}, storage_writer=_StreamingWriter(path, file_of, on_chunk, sync),
-                     planner=_LazyPlanner(chunks), no_dist=True)
+            dcp.save({}, storage_writer=writer, planner=_LazyPlanner(chunks), no_dist=True)
     except CheckpointException as e:  # DCP wraps every error; raise the original (e.g. a ConversionError)
         original = next(iter(e.failures.values()), (None,))[0]
         if isinstance(original, BaseException):
             raise original from None
         raise
-    torch.save({}, os.path.join(path, "common.pt"))
-    with open(os.path.join(path, "metadata.json"), "w") as f:
-        json.dump(MEGATRON_CONFIG, f)
+    timer.add("plan", time.perf_counter() - start - writer.write_data_s)
+    with timer("finish"):
+        torch.save({}, os.path.join(path, "common.pt"))
+        with open(os.path.join(path, "metadata.json"), "w") as f:
+            json.dump(MEGATRON_CONFIG, f)
 
 
 def none_object() -> io.BytesIO:
@@ -280,10 +331,36 @@ class DistCheckpointReader:
     chunks along anything but rows are assembled by copying.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, timer=NO_TIMER):
         self.path = os.fspath(path)
-        self.metadata = FileSystemReader(self.path).read_metadata()
+        self.timer = timer  # phases: "read" for stored chunks, "reshard" for assembling copies
+        try:
+            self.metadata = FileSystemReader(self.path).read_metadata()
+        except FileNotFoundError:
+            raise CorruptFileError(f"{self.path} has no .metadata: not a complete torch_dist checkpoint; re-import "
+                                   "it with `agro-convert import`") from None
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as e:
+            raise CorruptFileError(f"{os.path.join(self.path, '.metadata')} is truncated or damaged ({type(e).__name__}: "
+                                   f"{e}); re-import the checkpoint with `agro-convert import`") from None
+        self._check_files()
         self._cache: dict = {}  # chunks of the tensor (and layer) read last
+
+    def _check_files(self) -> None:
+        """Every chunk the metadata lists lies inside its file: a truncated .distcp fails here,
+        before any output is written, instead of as an mmap or unpickling error halfway."""
+        end: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            end[info.relative_path] = max(end.get(info.relative_path, 0), info.offset + info.length)
+        for name, need in sorted(end.items()):
+            path = os.path.join(self.path, name)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise CorruptFileError(f"{path} is missing: the checkpoint is incomplete; re-import it with "
+                                       "`agro-convert import`") from None
+            if size < need:
+                raise CorruptFileError(f"{path} is truncated ({size} bytes, the checkpoint's metadata needs {need}): "
+                                       "an interrupted copy? copy it again or re-import with `agro-convert import`")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.metadata.state_dict_metadata[key].size)
@@ -330,7 +407,8 @@ class DistCheckpointReader:
             raise KeyError(f"{key}: rows [{row}, {row + rows}) at {lead} are not fully stored")
         def pick(lo, hi, c):
             if tuple(c.offsets) not in self._cache:
-                self._cache[tuple(c.offsets)] = self.chunk(key, c)
+                with self.timer("read"):
+                    self._cache[tuple(c.offsets)] = self.chunk(key, c)
             t = self._cache[tuple(c.offsets)][tuple(x - o for x, o in zip(lead, c.offsets))]
             return t.narrow(0, lo - c.offsets[d], hi - lo)
 
@@ -341,5 +419,7 @@ class DistCheckpointReader:
             dst = out.narrow(0, lo - row, hi - lo)
             for k in range(len(rest)):
                 dst = dst.narrow(k + 1, c.offsets[d + 1 + k], c.sizes[d + 1 + k])
-            dst.copy_(pick(lo, hi, c))
+            src = pick(lo, hi, c)
+            with self.timer("reshard"):
+                dst.copy_(src)
         return [out]

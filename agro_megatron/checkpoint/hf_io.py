@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import CheckpointContentError, DtypeMismatchError, MissingShardError
+from .errors import BadArgumentError, CheckpointContentError, CorruptFileError, DtypeMismatchError, MissingShardError
+from .phases import NO_TIMER
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -59,14 +60,55 @@ class _Entry:
         self.file, self.dtype, self.shape, self.begin, self.end = file, dtype, shape, begin, end
 
 
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from `path`, or a CorruptFileError that names the file and the fix (a config
+    or index cut short by an interrupted download, or edited by hand)."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}): {what} is damaged or truncated; "
+                               "re-download it or restore it from the original checkpoint") from None
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not a valid "
+                               f"{what}; re-download it or restore it from the original checkpoint")
+    return value
+
+
+def _truncated(path, why: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} is truncated or damaged ({why}): an interrupted download or copy? "
+                            "Re-download this shard (e.g. `huggingface-cli download` again) and retry")
+
+
 def read_header(path: str | os.PathLike) -> tuple[int, dict]:
-    """(offset of the data section, header dict) of one safetensors file."""
+    """(offset of the data section, header dict) of one safetensors file, after checking that
+    every tensor it lists lies inside the file (a truncated shard fails here, before any work)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointContentError(f"{path} is not a safetensors file (truncated header)")
+            raise _truncated(path, f"{size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(n))
+        if n > size - 8:
+            raise _truncated(path, f"the header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _truncated(path, f"its header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _truncated(path, "its header is not a JSON object")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            b, e = (int(x) for x in info["data_offsets"])
+            numel = _numel(int(d) for d in info["shape"])
+            itemsize = _DTYPES[info["dtype"]].itemsize if info["dtype"] in _DTYPES else None
+        except (KeyError, TypeError, ValueError):
+            raise _truncated(path, f"tensor {name!r} has a malformed header entry {info!r}") from None
+        if not 0 <= b <= e <= data_size or (itemsize is not None and e - b != numel * itemsize):
+            raise _truncated(path, f"tensor {name!r} needs bytes [{b}, {e}) of a {data_size}-byte data section")
     return 8 + n, header
 
 
@@ -80,7 +122,10 @@ class HFCheckpoint:
         self.path = Path(path)
         index = self.path / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CorruptFileError(f"{index} has no valid weight_map: the shard index is damaged; "
+                                       "re-download it with the checkpoint")
             files = sorted(set(weight_map.values()))
         elif (self.path / SINGLE_NAME).exists():
             weight_map, files = None, [SINGLE_NAME]
@@ -175,15 +220,32 @@ class HFCheckpoint:
 
 # ---------------------------------------------------------------------------------------------
 def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '20KB' / int -> bytes (decimal units, as transformers uses)."""
+    """'5GB' / '500MB' / '20KB' / int -> bytes (decimal units, as transformers uses); anything
+    else, zero or negative is a BadArgumentError naming the option and valid forms."""
+    bad = BadArgumentError(f"--max-shard-size {size!r} is not a positive size: use a number of bytes or one "
+                           "with a unit, e.g. 5GB, 500MB, 2GiB")
+    if isinstance(size, bool):
+        raise bad
     if isinstance(size, int):
+        if size <= 0:
+            raise bad
         return size
+    if not isinstance(size, str):
+        raise bad
     s = size.strip().upper()
-    for unit, mult in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
-                       ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    mult = 1
+    for unit, m in (("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
+                    ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            s, mult = s[: -len(unit)].strip(), m
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise bad from None
+    if not value > 0 or value == float("inf") or int(value * mult) < 1:
+        raise bad
+    return int(value * mult)
 
 
 class ShardedSafetensorsWriter:
@@ -194,9 +256,10 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_size: int | str = "5GB", sync: bool = True):
+                 max_shard_size: int | str = "5GB", sync: bool = True, timer=NO_TIMER):
         self.out_dir = Path(out_dir)
         self.sync = sync
+        self.timer = timer  # phases: "write", "fsync" (and "reshard" for non-contiguous parts)
         limit = parse_size(max_shard_size)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -228,8 +291,11 @@ class ShardedSafetensorsWriter:
         for p in parts:
             if p.dtype != dtype:
                 raise DtypeMismatchError(f"{name}: part has dtype {p.dtype}, planned {dtype}")
-            p = p.contiguous()
-            self._file.write(_as_bytes(p))
+            if not p.is_contiguous():
+                with self.timer("reshard"):
+                    p = p.contiguous()
+            with self.timer("write"):
+                self._file.write(_as_bytes(p))
             got += p.numel() * p.element_size()
         if got != want:
             raise RuntimeError(f"{name}: wrote {got} bytes, planned {want} for shape {shape}")
@@ -245,15 +311,18 @@ class ShardedSafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.out_dir / fname, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        with self.timer("write"):
+            self._file = open(self.out_dir / fname, "wb")
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._fname = fname
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            with self.timer("write"):
+                self._file.flush()
             if self.sync:
-                os.fsync(self._file.fileno())
+                with self.timer("fsync"):
+                    os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 
@@ -267,7 +336,7 @@ class ShardedSafetensorsWriter:
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _numel(shape: Sequence[int]) -> int:
+def _numel(shape: Iterable[int]) -> int:
     n = 1
     for s in shape:
         n *= s

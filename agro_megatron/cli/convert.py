@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"agro-convert: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a source file that cannot be read: named, without a traceback
+        print(f"agro-convert: error: {type(e).__name__}: {e}; nothing was written", file=sys.stderr)
+        return 1
     print(f"agro-convert: wrote {out}")
     return 0
 

@@ -27,7 +27,7 @@ from agro_megatron.rewards.normalize import (
 from agro_megatron.rewards.sandbox import get_pool
 
 __all__ = ["score", "score_batch", "extract_answer", "is_equivalent", "configure", "clear_cache",
-           "sandbox_stats"]
+           "sandbox_stats", "warm"]
 
 MAX_NESTING = 10
 """Answers nested deeper than this are rejected: the LaTeX grammar's parse time grows
@@ -62,6 +62,23 @@ def sandbox_stats() -> dict:
     """Counters of this process's sandbox (checks, timeouts, crashes, blocked, restarts): log
     them; a rising timeout count means answers the checker cannot decide within the limit."""
     return dict(get_pool().stats)
+
+
+def warm(*, workers: int | None = None, wait: bool = True) -> threading.Thread | None:
+    """Start the sandbox now (SymPy's import and warm-up in the zygote, then ``workers`` checkers;
+    default ``configure``'s), so that no check pays that start-up (seconds) inside its time
+    limit or inside a training step. Call it once at start-up, before the first reward.
+
+    ``wait=False`` starts it in a background thread and returns the thread (checks that arrive
+    meanwhile wait for it); the start-up then overlaps with model building. Idempotent.
+    """
+    n = _DEFAULTS["workers"] if workers is None else _check_workers(workers)
+    if wait:
+        get_pool().warm(n)
+        return None
+    thread = threading.Thread(target=get_pool().warm, args=(n,), name="reward-sandbox-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_timeout(timeout_s) -> float:

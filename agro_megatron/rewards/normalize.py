@@ -20,6 +20,10 @@ FLOAT_ROUNDING = 6
 """Decimal places a decimal answer is rounded to before comparing (math-verify's convention)."""
 
 _THIN_SPACE = re.compile(r"(?<!\\)\\[!,]")  # negative / thin space: also a thousands separator, "1\\,000"
+# A comma written as a thousands separator - "{,}" or ",\\!" (the comma's math spacing undone) -
+# and the source spaces after it, which math mode ignores: "11,\\! 111" and "10{,} 000" are
+# numbers, while a plain ", " still separates list items ("32, 349" is two numbers).
+_SEPARATOR_COMMA = re.compile(r"\{,\}\s*|,\s*(?<!\\)\\!\s*")
 _SPACING = re.compile(r"\\(?:displaystyle|textstyle|q?quad)(?![A-Za-z])|(?<!\\)\\[;: ]|[~\n\t]")
 _FRAC_VARIANT = re.compile(r"\\[dtc]frac(?![A-Za-z])")
 _INVISIBLE_DELIM = re.compile(r"\\(?:left|right)\.")
@@ -82,7 +86,7 @@ def _unwrap_outer(s: str) -> str:
 def normalize(answer: str) -> str:
     """Canonical LaTeX form of ``answer`` under MATH grading conventions (whitespace kept single)."""
     s = _unwrap_outer(answer)
-    s = s.replace("{,}", ",")
+    s = _SEPARATOR_COMMA.sub(",", s)
     s = _THIN_SPACE.sub("", s)
     s = _SPACING.sub(" ", s)
     s = _FRAC_VARIANT.sub(r"\\frac", s)

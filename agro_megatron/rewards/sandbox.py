@@ -279,6 +279,13 @@ class SandboxPool:
                 self.stats["crashes"] += 1
             self._replace(i)
 
+    def warm(self, workers: int) -> None:
+        """Start the zygote (SymPy import and warm-up, seconds) and `workers` idle checkers now,
+        so that the first check is as fast as the rest."""
+        with self._lock:
+            while len(self._checkers) < workers:
+                self._checkers.append(self._new_checker())
+
     def worker_pids(self) -> list[int]:
         return [c.pid for c in self._checkers]
 

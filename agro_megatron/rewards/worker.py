@@ -2,9 +2,17 @@
 
 The zygote imports SymPy and the LaTeX parser once and warms them up (~1 s), then forks a
 checker whenever the trainer asks for one (a few ms), so a checker killed at its deadline is
-replaced at once. The zygote also reaps its checkers, but only when the trainer asks: a dead
-checker's pid then stays reserved until the trainer has stopped using it, so a kill can never
-hit an unrelated process that reused the pid.
+replaced at once.
+
+Both die with their parent, however it dies (kill -9 included), even when a process the trainer
+forked (a checkpoint writer) still holds the trainer's ends of their pipes, so EOF never comes:
+the zygote checks twice a second that its parent is still the trainer, and every checker has
+the kernel SIGKILL it when the zygote exits (PR_SET_PDEATHSIG; the zygote is single-threaded, so
+"the thread that forked it" is the zygote itself).
+
+The zygote also reaps its checkers, but only when the trainer asks: a dead checker's pid then
+stays reserved until the trainer has stopped using it, so a kill can never hit an unrelated
+process that reused the pid.
 
 A checker reads JSON requests and writes JSON verdicts on two pipes, and defends itself on top
 of the parser's own guarantees:
@@ -174,8 +182,27 @@ def _serve(req_fd: int, resp_fd: int) -> None:
             return
 
 
+PARENT_POLL_S = 0.5
+"""How often an idle zygote checks that the trainer that started it is still alive."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this (just forked) process when its parent exits (Linux); if the
+    parent is already gone, exit now."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass  # not Linux: the checker still exits on EOF or at its CPU limit
+    if os.getppid() != parent:  # died between fork and prctl
+        os._exit(0)
+
+
 def zygote_main(sock_fd: int) -> None:
     """Entry point of the zygote process (started by ``sandbox._Zygote``)."""
+    parent = os.getppid()
     sock = socket.socket(fileno=sock_fd)
     import sympy.physics.units  # noqa: F401 - imported lazily by some checks; sympifies at import
 
@@ -183,10 +210,18 @@ def zygote_main(sock_fd: int) -> None:
 
     for pred, gold in _WARMUP:  # lazy imports and caches happen once, here, not in every checker
         symbolic.equivalent(pred, gold)
+    import ctypes  # noqa: F401 - loaded once here, used by every forked checker (_die_with_parent)
+
     sock.sendall(b"R")
+    sock.settimeout(PARENT_POLL_S)
+    me = os.getpid()
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 16, 2)
+        except TimeoutError:
+            if os.getppid() != parent:
+                break  # the trainer is gone (its forks may keep our socket open): checkers die with us
+            continue
         except OSError:
             break
         if not msg:
@@ -195,6 +230,7 @@ def zygote_main(sock_fd: int) -> None:
             pid = os.fork()
             if pid == 0:
                 try:
+                    _die_with_parent(me)
                     sock.close()
                     _serve(fds[0], fds[1])
                 finally:
@@ -214,3 +250,6 @@ def zygote_main(sock_fd: int) -> None:
             for fd in fds:
                 os.close(fd)
             sock.sendall(b"?")
+    # Exit at once: an interpreter shutdown with SymPy loaded takes seconds on a loaded machine,
+    # and the checkers' parent-death signal fires only when this process is gone.
+    os._exit(0)
