@@ -178,3 +178,135 @@ def test_cli_table_json_search_png(tmp_path, capsys):
     assert "memory per GPU" in capsys.readouterr().out
     assert main(["--model", "llama3-8b", "--tp", "3", "--pp", "1"]) == 2
     assert "TP=3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- measured (cpu) profiles
+def _cpu_gpu(rate=1e10, copy=None, op=0.0, lat=0.0, bw=1e30, **kw):
+    """A measured profile with a flat matmul rate (a full 2 x 2 grid) and the given constants."""
+    from agro_megatron.plan.hardware import GPU
+
+    table = [(m, s, s, rate) for m in (1, 4096) for s in (16, 512)]
+    return GPU("cpu-test", memory_bytes=16 * 2 ** 30, bf16_flops=rate, hbm_bytes_s=copy or 1e30,
+               intra_node_bytes_s=bw, inter_node_bytes_s=bw, host_bytes_s=1e30, gpus_per_node=2,
+               kind="cpu", matmul_table=table, op_overhead_s=op, allreduce_latency_s=lat, **kw)
+
+
+def test_cpu_profile_round_trips_through_json_and_get_gpu(tmp_path):
+    from agro_megatron.plan.hardware import load_profile, save_profile
+
+    g = _cpu_gpu(op=2e-6, lat=1e-4, bw=1e9, copy_table=[(1024, 5e10), (2 ** 25, 1e10)])
+    path = save_profile(g, str(tmp_path / "cpu.json"))
+    assert load_profile(path) == g
+    assert get_gpu(path) == g
+    assert get_gpu("h100").kind == "gpu" and not get_gpu("h100").matmul_table  # presets untouched
+
+
+def test_bad_profiles_name_the_file_and_the_key(tmp_path):
+    from agro_megatron.plan.hardware import ProfileError, load_profile, save_profile
+
+    good = json.load(open(save_profile(_cpu_gpu(), str(tmp_path / "good.json"))))
+    cases = {
+        "unknown": ({**good, "tflops": 3}, "tflops"),
+        "missing": ({k: v for k, v in good.items() if k != "hbm_bytes_s"}, "hbm_bytes_s"),
+        "no_table": ({**good, "matmul_table": []}, "matmul_table"),
+        "negative": ({**good, "op_overhead_s": -1}, "op_overhead_s"),
+        "kind": ({**good, "kind": "tpu"}, "kind"),
+    }
+    for name, (data, key) in cases.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(data))
+        with pytest.raises(ProfileError) as e:
+            load_profile(str(p))
+        assert str(p) in str(e.value) and key in str(e.value), name
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="broken.json"):
+        load_profile(str(tmp_path / "broken.json"))
+
+
+def test_matmul_rate_is_the_measured_one_at_grid_points_and_interpolated_between():
+    from agro_megatron.plan.hardware import GPU
+
+    rates = {(16, 32): 1e9, (16, 128): 4e9, (256, 32): 2e9, (256, 128): 16e9}
+    g = GPU("c", 1, 1, 1, 1, 1, 1, kind="cpu", matmul_table=[(m, s, s, r) for (m, s), r in rates.items()])
+    for (m, s), r in rates.items():
+        assert g.matmul_s(m, s, s) == pytest.approx(2 * m * s * s / r, rel=1e-12)
+    # geometric midpoint in both axes: the geometric mean of the four corners
+    mid = 2 * 64 * 64 * 64 / g.matmul_s(64, 64, 64)
+    assert mid == pytest.approx(math.prod(rates.values()) ** 0.25, rel=1e-9)
+    # k != n: the size is sqrt(k n); outside the grid the edge rate holds
+    assert g.matmul_s(16, 16, 64) == pytest.approx(2 * 16 * 16 * 64 / 1e9, rel=1e-12)
+    assert 2 * 1e5 * 1e3 * 1e3 / g.matmul_s(1e5, 1e3, 1e3) == pytest.approx(16e9)
+    with pytest.raises(ValueError, match="full grid"):
+        GPU("c", 1, 1, 1, 1, 1, 1, kind="cpu", matmul_table=[(16, 32, 32, 1e9), (256, 128, 128, 1e9)]).matmul_s(64, 64, 64)
+
+
+def test_copy_rate_follows_the_working_set():
+    g = _cpu_gpu(copy=3e9, copy_table=[(2 ** 14, 4e10), (2 ** 24, 1e10)])
+    assert g.copy_s(1e9, 2 ** 14) == pytest.approx(1e9 / 4e10)
+    assert g.copy_s(1e9, 2 ** 30) == pytest.approx(1e9 / 1e10)          # clamped: DRAM-sized
+    assert g.copy_s(1e9, 2 ** 19) == pytest.approx(1e9 / 2e10)          # log-log midpoint
+    assert _cpu_gpu(copy=3e9).copy_s(6e9, 1) == pytest.approx(2.0)     # no table: hbm_bytes_s
+
+
+def _cpu_plan(gpu, tp=1, pp=1, resp=32, arch=None):
+    arch = arch or LlamaArch(512, 64, 256, 2, 4, 2, 16)
+    dp = 2 // (tp * pp)
+    inp = PlanInput(arch, gpu, Layout(nodes=1, gpus_per_node=2, tp=tp, pp=pp),
+                    Workload(prompts_per_step=4, n=4, prompt_len=40, response_len=resp, micro_batch=16 // dp),
+                    TrainOptions(dtype_bytes=4, spec="local", distributed_optimizer=dp > 1),
+                    RolloutOptions(engine="native"))
+    return make_plan(inp, with_mbs=False)
+
+
+def test_kernel_model_matmul_time_equals_the_flop_count_at_a_flat_rate():
+    """Only matmuls cost (flat rate, free memory, ops and links): the training pass is 3x the
+    forward's matmul FLOPs (qkv, proj, fc1, fc2, attention's full square, LM head) / rate."""
+    R = 1e10
+    arch = LlamaArch(512, 64, 256, 2, 4, 2, 16)
+    plan = _cpu_plan(_cpu_gpu(rate=R), tp=1, pp=1)
+    per_rank, seq = 8, 72                       # 16 sequences over DP 2; 40 + 32 tokens
+    tokens = per_rank * seq
+    h, d, heads, kv, ffn, V = 64, 16, 4, 2, 256, padded_vocab_size(512, 1)
+    layer = 2 * tokens * (h * (heads + 2 * kv) * d + heads * d * h + h * 2 * ffn + ffn * h)
+    attention = per_rank * heads * 2 * (2 * seq * d * seq)
+    fwd = 2 * (layer + attention) + 2 * tokens * h * V
+    assert plan.time.train == pytest.approx(3 * fwd / R, rel=1e-9)
+    assert plan.time.reference_forward + plan.time.policy_forward == pytest.approx(2 * fwd / R, rel=1e-9)
+
+
+def test_kernel_model_op_overhead_and_decode_length_terms():
+    from agro_megatron.plan import kernels
+
+    tiny_rate = 1e30   # matmuls free: only the op overhead costs
+    op = 1e-5
+    p32, p128 = (_cpu_plan(_cpu_gpu(rate=tiny_rate, op=op), resp=r) for r in (32, 128))
+    batch, layers = 8, 2
+    per_step = op * (layers * kernels.DECODE_OPS_PER_LAYER + kernels.DECODE_OPS_FIXED + kernels.SAMPLER_OPS + batch)
+    assert p32.time.detail["decode_step"] == pytest.approx(per_step, rel=1e-9)
+    # decode is linear in the response length: 96 more tokens cost 96 more steps
+    assert p128.time.rollout_decode - p32.time.rollout_decode == pytest.approx(96 * per_step, rel=1e-9)
+    # and the whole step scales with the op cost
+    p2 = _cpu_plan(_cpu_gpu(rate=tiny_rate, op=2 * op), resp=32)
+    assert p2.time.total == pytest.approx(2 * p32.time.total, rel=1e-9)
+
+
+def test_kernel_model_pipeline_and_links():
+    from agro_megatron.plan.kernels import _pipeline
+
+    assert _pipeline([1.0, 3.0], 1) == (3.0, 1.0)          # one micro-batch: stages in series
+    assert _pipeline([1.0, 3.0], 4) == (12.0, 1.0)         # (m - 1) more slots of the slowest stage
+    lat = 1e-3
+    tp1, tp2 = (_cpu_plan(_cpu_gpu(rate=1e30, lat=lat), tp=t) for t in (1, 2))
+    # TP2 decode: 2 all-reduces per layer; the embedding all-reduce, logits gather, token broadcast per step
+    assert tp2.time.detail["decode_step"] - tp1.time.detail["decode_step"] == pytest.approx((2 * 2 + 3) * lat)
+    # TP1 x DP2 syncs gradients (reduce-scatter + all-gather); TP2 has no DP group
+    assert tp1.time.grad_sync == pytest.approx(2 * lat, rel=1e-6) and tp2.time.grad_sync == 0
+    pp2 = _cpu_plan(_cpu_gpu(rate=1e10), pp=2)
+    assert pp2.time.pipeline_bubble > 0 and pp2.time.detail["micro_batches"] == 1
+
+
+def test_a_measured_profile_needs_the_native_engine():
+    inp = PlanInput(LlamaArch(512, 64, 256, 2, 4, 2, 16), _cpu_gpu(), Layout(nodes=1, gpus_per_node=2),
+                    Workload(prompts_per_step=4, n=4, prompt_len=40, response_len=32))
+    with pytest.raises(ValueError, match="native"):
+        make_plan(inp, with_mbs=False)

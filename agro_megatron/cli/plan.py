@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and hardware")
     g.add_argument("--model", default="llama3-8b",
                    help=f"{' | '.join(LLAMA3_PRESETS)} or an HF config.json / checkpoint directory")
-    g.add_argument("--gpu", default="H100", help=f"preset: {', '.join(GPU_PRESETS)}")
+    g.add_argument("--gpu", default="H100", help=f"preset: {', '.join(GPU_PRESETS)}; or a measured profile "
+                   "(*.json, benchmarks/planner_calibration.py --profile-out; needs --rollout-engine native)")
     g.add_argument("--gpu-memory-gib", type=float, help="override the preset's device memory")
     g.add_argument("--gpu-tflops", type=float, help="override dense bf16 TFLOP/s")
     g.add_argument("--hbm-tbs", type=float, help="override HBM bandwidth, TB/s")

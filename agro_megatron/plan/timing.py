@@ -9,6 +9,9 @@ FLOPs. N_mm = weights that take part in matmuls = all parameters except the inpu
 table (a lookup), plus the LM head. Per token forward: 2 N_mm; causal attention adds
 2 * s^2 * heads * head_dim * layers per sequence of length s (QK^T and AV, half the square).
 Backward = 2 x forward; full recompute adds one forward.
+
+A measured profile (`GPU.kind == "cpu"`, e.g. benchmarks/planner_calibration.py's) is timed by
+`plan/kernels.py` instead: kernel by kernel from the machine's measured rates, not from a peak.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class StepTime:
     decode_bound: str            # "memory" or "compute" (decode roofline side)
     tokens_per_s_per_gpu: float
     generated_tokens_per_s_per_gpu: float
+    detail: dict = dataclasses.field(default_factory=dict)   # model-specific extras (kernels.py)
 
     @property
     def total(self) -> float:
@@ -116,7 +120,15 @@ def decode_step_time(inp: PlanInput, eng: EngineShape, conc: float) -> tuple[flo
 
 def step_time(inp: PlanInput, eng: EngineShape, stages) -> StepTime:
     """Time of one RL step given the engine and every PP stage's memory (`memory.StageMemory`):
-    the slowest stage sets the DP-sync and host-copy times."""
+    the slowest stage sets the DP-sync and host-copy times. Measured profiles: kernels.py."""
+    if inp.gpu.measured:
+        from agro_megatron.plan.kernels import measured_parts
+
+        parts, detail = measured_parts(inp, eng, stages)
+        st = StepTime(**parts, tokens_per_s_per_gpu=0.0, generated_tokens_per_s_per_gpu=0.0, detail=detail)
+        st.tokens_per_s_per_gpu = inp.work.sequences * inp.work.seq_len / (st.total * inp.layout.world)
+        st.generated_tokens_per_s_per_gpu = inp.work.sequences * inp.work.response_len / (st.total * inp.layout.world)
+        return st
     a, L, w, e, g, r = inp.arch, inp.layout, inp.work, inp.eff, inp.gpu, inp.rollout
     world = L.world
     S, seq = w.sequences, w.seq_len
