@@ -89,7 +89,8 @@ def _save_then_resume(root: str) -> dict:
 @pytest.mark.distributed
 def test_resume_refuses_another_layer_spec(tmp_path):
     r = run_distributed(_save_then_resume, 1, args=(str(tmp_path),))[0]
-    assert r["running_kind"] == "local/sdpa" and r["recorded"] == {"layer_spec": "local/sdpa"}
+    assert r["running_kind"] == "local/sdpa" and r["recorded"] == {
+        "layer_spec": "local/sdpa", "layout": {"world_size": 1, "tp": 1, "pp": 1, "cp": 1, "dp": 1}}
     for key in ("te", "te_legacy"):
         msg = r[key]
         assert "step_000001" in msg and "'local" in msg and "'te/te'" in msg, msg

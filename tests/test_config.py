@@ -29,7 +29,8 @@ def test_defaults_are_the_tiny_cpu_demo_and_overrides_apply():
     (["algorithm.token_estimator=causal", "algorithm.regime=replay"], None, "only valid on on-policy"),
     (["optim.lr=fast"], None, "expected a number"),
     (["train"], None, "is not key=value"),
-    (["parallel.cp=2", "parallel.tp=2"], 2, "TP x PP x CP x DP = 2x1x2x0"),
+    (["parallel.cp=2", "parallel.tp=2"], 2, "TP x PP x CP = 2x1x2 needs 4 processes .* world size is 2; "
+                                            "launch a multiple of 4 processes"),
 ])
 def test_bad_configs_name_the_key_and_the_fix(overrides, world, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

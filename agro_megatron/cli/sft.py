@@ -5,7 +5,9 @@ looks for it, <logging.dir>/sft_model, so a later `agro-train` of the same confi
 skips SFT and starts RL from it. When that model already exists nothing is trained. The last
 line printed is the model's path. Multi-process: torchrun --nproc-per-node N -m agro_megatron.cli.sft ...
 
-Exit status: 0 done, 2 bad configuration (or launcher environment).
+Exit status: 0 done, 2 bad configuration (or launcher environment), 1 a checkpoint that cannot be
+written or read (the message says which and why), 75 stopped by SIGTERM/SIGUSR1 with the SFT state
+saved: the same command resumes it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(cfg, int):
         return cfg
     from agro_megatron import parallel
+    from agro_megatron.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError
+    from agro_megatron.cli.train import STOPPED_EXIT_CODE
     from agro_megatron.config import ConfigError
+    from agro_megatron.train.loop import StopRequested
 
     if cfg.sft.steps <= 0:
         print(f"agro-sft: sft.steps={cfg.sft.steps}: agro-sft runs the SFT warm-up only and has nothing to train; "
@@ -38,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"agro-sft: {e}", file=sys.stderr)
         return 2
+    except StopRequested:  # SIGTERM/SIGUSR1: the SFT state is saved and the message printed (train/sft.py)
+        return STOPPED_EXIT_CODE
+    except (CheckpointWriteError, CorruptCheckpointError) as e:  # disk full, read-only, damaged (train/state.py)
+        print(f"agro-sft: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_process_groups()
     if first:

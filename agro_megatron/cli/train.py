@@ -1,8 +1,9 @@
 """`agro-train [CONFIG.yaml] [key=value ...]`: an AGRO run (default: the tiny CPU demo).
 
-Exit status: 0 done, 2 bad configuration, 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint: the run is not finished and the same command resumes it (slurm/train.sbatch
-requeues the job on 75).
+Exit status: 0 done, 2 bad configuration, 1 a checkpoint that cannot be written (no space left,
+read-only) or read (damaged; the message names it), 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (during SFT too): the run is not finished and the same command resumes
+it (slurm/train.sbatch requeues the job on 75).
 """
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ def main(argv: list[str] | None = None) -> int:
                                     "multi-process runs with torchrun --nproc-per-node N -m agro_megatron.train ...")
     if isinstance(cfg, int):
         return cfg
+    from agro_megatron.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError, IncompatibleCheckpointError
     from agro_megatron.config import ConfigError
     from agro_megatron.train.run import run_job
 
     try:
         result = run_job(cfg)
-    except ConfigError as e:
+    except (ConfigError, IncompatibleCheckpointError) as e:  # e.g. a resume at another layout (train/state.py)
         print(f"agro-train: {e}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, CorruptCheckpointError) as e:  # disk full, read-only, damaged (train/state.py)
+        print(f"agro-train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_process_groups()
     return STOPPED_EXIT_CODE if result.get("stopped") else 0

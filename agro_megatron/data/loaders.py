@@ -3,19 +3,23 @@
 One entry point, :func:`load_problems`. A malformed row stops the load with a message naming
 the file and line (or row) and the fix; ``skip_malformed=True`` skips such rows instead and
 warns once per row (:class:`MalformedRowWarning`), so bad data is never dropped silently.
+A row that is not UTF-8 text is malformed like any other; a caller's ``check`` (e.g. a prompt
+length limit) rejects rows the same way, so every rejected row is named by its location.
+Each loaded Problem records that location in ``meta["where"]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .problem import MalformedRowError, MalformedRowWarning, Problem, problem_from_row
 
 HUB_PREFIX = "hf:"
-_FIX = "fix the row, or pass skip_malformed=True (--skip-malformed) to skip malformed rows"
+SKIP_OPTION = "skip_malformed=True (--skip-malformed)"
 
 
 def load_problems(
@@ -25,6 +29,8 @@ def load_problems(
     fmt: str = "auto",
     skip_malformed: bool = False,
     limit: int | None = None,
+    check: Callable[[Problem], str | None] | None = None,
+    skip_option: str = SKIP_OPTION,
 ) -> list[Problem]:
     """Problems from ``source``.
 
@@ -35,7 +41,9 @@ def load_problems(
       - ``hf:OWNER/NAME`` or ``hf:OWNER/NAME:CONFIG`` to call ``datasets.load_dataset`` (needs
         network and the ``datasets`` package; ``split`` defaults to "test").
     ``fmt`` is "auto" (per row: ``problem`` -> MATH, ``question``+``answer`` -> GSM8K), "math"
-    or "gsm8k". ``limit`` keeps the first N valid problems.
+    or "gsm8k". ``limit`` keeps the first N valid problems. ``check(problem)`` returns None for a
+    row to keep, or why it is rejected (handled like a malformed row). ``skip_option`` is how the
+    caller's user turns on skipping (agro-train: ``data.skip_malformed=true``), named in errors.
     """
     if fmt not in ("auto", "math", "gsm8k"):
         raise ValueError(f"fmt must be 'auto', 'math' or 'gsm8k', got {fmt!r}")
@@ -47,11 +55,16 @@ def load_problems(
         try:
             if isinstance(row, Exception):
                 raise row
-            problems.append(problem_from_row(row, default_id=default_id, fmt=fmt))
+            problem = problem_from_row(row, default_id=default_id, fmt=fmt)
+            problem = dataclasses.replace(problem, meta={**problem.meta, "where": where})
+            reason = check(problem) if check is not None else None
+            if reason:
+                raise ValueError(reason)
+            problems.append(problem)
         except ValueError as err:
             msg = f"{where}: malformed row: {err}"
             if not skip_malformed:
-                raise MalformedRowError(f"{msg}; {_FIX}") from None
+                raise MalformedRowError(f"{msg}; fix the row, or pass {skip_option} to skip such rows") from None
             warnings.warn(f"{msg} (skipped)", MalformedRowWarning, stacklevel=2)
     if not problems:
         raise ValueError(f"{source}: no problems loaded (empty source, or every row malformed)")
@@ -83,26 +96,43 @@ def _rows(source: str | os.PathLike, split: str | None) -> Iterator[tuple[str, s
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _jsonl_rows(path: Path, first_line: int = 1, text: str | None = None) -> Iterator:
-    if text is None:
-        text = path.read_text(encoding="utf-8")
-    for lineno, line in enumerate(text.splitlines(), start=first_line):
-        if not line.strip():
+_BOM = b"\xef\xbb\xbf"
+
+
+def _jsonl_rows(path: Path, data: bytes | None = None) -> Iterator:
+    """One row per line, split on newline bytes only (JSON strings may hold U+2028 and the like),
+    each decoded on its own: a line that is not UTF-8 is one malformed row, located."""
+    if data is None:
+        data = path.read_bytes()
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            row = ValueError(f"not UTF-8 text (byte {err.start + 1} of the line: {err.reason}); save the "
+                             "file as UTF-8")
         except json.JSONDecodeError as err:
             row = ValueError(f"invalid JSON ({err.msg} at column {err.colno})")
         yield f"{path}:{lineno}", f"{path.stem}-{lineno}", row
 
 
 def _json_rows(path: Path) -> Iterator:
-    text = path.read_text(encoding="utf-8")
-    start = len(text) - len(text.lstrip())
-    if start < len(text) and text[start] == "[":
-        return _json_array_rows(path, text, start)
-    # Not an array: JSON Lines under a .json name (what datasets' to_json writes).
-    return _jsonl_rows(path, text=text)
+    data = path.read_bytes()
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    if not data.lstrip().startswith(b"["):
+        # Not an array: JSON Lines under a .json name (what datasets' to_json writes).
+        return _jsonl_rows(path, data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise MalformedRowError(f"{path}:{line}: not UTF-8 text ({err.reason}); the file cannot be read past "
+                                "this point, so save it as UTF-8 (skip_malformed cannot skip it)") from None
+    return _json_array_rows(path, text, len(text) - len(text.lstrip()))
 
 
 def _json_array_rows(path: Path, text: str, start: int) -> Iterator:

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from agro_megatron.config import JobConfig
+from agro_megatron.config import TINY_OPTIONAL, JobConfig
 from agro_megatron.models import unwrap_model
 from agro_megatron.models.llama import LlamaArch, build_model
 
@@ -31,9 +31,11 @@ class PolicyBundle:
         """The bare GPTModel stage (what engines and checkpoints read)."""
         return unwrap_model(self.policy)
 
-    def optimizer_step(self, model: torch.nn.Module, micro_batches: list, loss_fn, *, paired: bool = False) -> dict:
+    def optimizer_step(self, model: torch.nn.Module, micro_batches: list, loss_fn, *, paired: bool = False,
+                       fused_output: bool = False) -> dict:
         """One optimizer step on the summed loss of `micro_batches` (forward and backward through
-        megatron's schedule with `model`: the policy, or the policy+reference pair).
+        megatron's schedule with `model`: the policy, or the policy+reference pair). `fused_output`:
+        loss_fn gets hidden states and output weights instead of logits (train/pipeline.py).
 
         A non-finite loss on any rank skips the step on every rank (nothing is applied). Returns
         {"loss", "grad_norm", "skipped"}; the loss is the last pipeline stage's (0 elsewhere).
@@ -46,7 +48,8 @@ class PolicyBundle:
 
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
-        stats = run_micro_batches(model, micro_batches, loss_fn, forward_only=False, paired=paired)
+        stats = run_micro_batches(model, micro_batches, loss_fn, forward_only=False, paired=paired,
+                                  fused_output=fused_output)
         loss = sum(float(s["loss"]) for s in stats) if stats else 0.0
         bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -70,13 +73,8 @@ def arch_for_job(cfg: JobConfig, vocab_size: int | None = None) -> LlamaArch:
         return LlamaArch.from_hf_config(m.hf_checkpoint)
     if vocab_size is None:
         raise ValueError("the tiny model needs the tokenizer's vocab size")
-    t = m.tiny
-    return LlamaArch(vocab_size=vocab_size, hidden_size=t["hidden_size"],
-                     intermediate_size=t["intermediate_size"], num_layers=t["num_layers"],
-                     num_heads=t["num_heads"], num_kv_heads=t["num_kv_heads"], head_dim=t["head_dim"],
-                     rope_theta=t.get("rope_theta", 500000.0),
-                     max_position_embeddings=t.get("max_position_embeddings", 1024),
-                     tie_word_embeddings=t.get("tie_word_embeddings", False))
+    # exactly config.TINY_REQUIRED and TINY_OPTIONAL (validate rejects any other key)
+    return LlamaArch(vocab_size=vocab_size, **{**TINY_OPTIONAL, **m.tiny})
 
 
 def build_policy(cfg: JobConfig, arch: LlamaArch, *, lr: float, total_steps: int,
