@@ -82,16 +82,53 @@ def _env_from_slurm() -> bool:
     return True
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: float = 30) -> None:
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet at MASTER_ADDR:MASTER_PORT within parallel.rendezvous_timeout_minutes."""
+
+
+def _rendezvous(rank: int, world: int, timeout_minutes: float, pg_timeout: timedelta):
+    """torch's env:// rendezvous (rank 0 hosts the TCPStore at MASTER_ADDR:MASTER_PORT and waits
+    for every rank to connect; the others connect to it), bounded by its own timeout.
+
+    Why not init_process_group's: torch bounds the rendezvous by the process-group timeout, which
+    must cover the slowest collective (30 min by default), so a node that starts late or cannot
+    reach the first node would hold every rank for that long. The store is handed over with the
+    process-group timeout for its later use."""
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
+                                           timeout=timedelta(minutes=timeout_minutes)))
+    except (RuntimeError, OSError) as e:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+        role = ("waited for the other ranks to connect to its store there" if rank == 0
+                else "could not connect to rank 0's store there")
+        raise RendezvousError(
+            f"rank {rank}/{world} on {socket.gethostname()}: rendezvous at {addr}:{port} failed after at most "
+            f"{timeout_minutes:g} min (parallel.rendezvous_timeout_minutes): this rank {role}. Every rank must "
+            f"start (a node may have started late or not at all) and reach {addr} on TCP port {port} (name "
+            f"resolution, firewall, the right network interface); torch said: {str(e).splitlines()[0]}") from None
+    store.set_timeout(pg_timeout)
+    return store
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30,
+                     rendezvous_timeout_minutes: float | None = None) -> None:
     """Initialise the default process group (a 1-process group when not launched distributed).
 
     timeout_minutes: how long any collective of the group may wait for the slowest rank before it
     fails (jobs: `parallel.timeout_minutes`). Work that only one rank does for longer (rank 0
     converting a 70B HF checkpoint) must not sit behind a collective: see `run_on_rank0`.
+    rendezvous_timeout_minutes: how long the ranks wait for each other at start-up
+    (`parallel.rendezvous_timeout_minutes`; None: timeout_minutes, torch's own behaviour); past
+    it every rank raises RendezvousError.
     """
     if not (isinstance(timeout_minutes, (int, float)) and timeout_minutes > 0):
         raise ValueError(f"timeout_minutes={timeout_minutes!r}: the process-group timeout must be a number of "
                          "minutes > 0 (parallel.timeout_minutes)")
+    if rendezvous_timeout_minutes is None:
+        rendezvous_timeout_minutes = timeout_minutes
+    if not (isinstance(rendezvous_timeout_minutes, (int, float)) and rendezvous_timeout_minutes > 0):
+        raise ValueError(f"rendezvous_timeout_minutes={rendezvous_timeout_minutes!r}: must be a number of minutes "
+                         "> 0 (parallel.rendezvous_timeout_minutes)")
     if dist.is_initialized():
         return
     from_slurm = _env_from_slurm()
@@ -107,7 +144,10 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     if backend == "nccl":
         # modulo: a launcher that binds one GPU per task (srun --gpus-per-task) shows each task one device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    pg_timeout = timedelta(minutes=timeout_minutes)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _rendezvous(rank, world, rendezvous_timeout_minutes, pg_timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=pg_timeout)
     if from_slurm:  # one line per rank in the job log: what each task joined
         e = os.environ
         print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] {backend} process group up: slurm task "

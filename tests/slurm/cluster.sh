@@ -5,6 +5,7 @@
 #                                        prints `export SLURM_CONF=DIR/slurm.conf` as its last line
 #   tests/slurm/cluster.sh stop DIR      scancel every job, wait for them, stop the daemons started here
 #   tests/slurm/cluster.sh status DIR    sinfo + squeue
+#   tests/slurm/cluster.sh install       only install the packages if missing (multinode_cluster.sh uses it)
 #
 # Why this way: Debian's slurmctld/slurmd/slurm-client/munge packages (Slurm 22.05) run without
 # systemd. Everything lives in DIR (config, state, spool, logs, pid files, munge socket) and uses
@@ -193,5 +194,6 @@ case "${1:-}" in
     start) shift; start "${1:-}" ;;
     stop) shift; stop "${1:-}" ;;
     status) shift; status "${1:-}" ;;
-    *) echo "usage: $0 start [DIR] | stop DIR | status DIR" >&2; exit 2 ;;
+    install) install_packages ;;
+    *) echo "usage: $0 start [DIR] | stop DIR | status DIR | install" >&2; exit 2 ;;
 esac

@@ -128,3 +128,55 @@ def slurm_cluster():
                 print(f"cluster.sh stop: {p.stderr}", file=sys.stderr)
         if not os.environ.get("AGRO_SLURM_KEEP"):
             shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+MULTINODE_SH = Path(__file__).resolve().parent / "multinode_cluster.sh"
+
+
+@dataclass
+class MultiNodeCluster(SlurmCluster):
+    """A SlurmCluster whose nodes (node1, node2, ...) are separate hosts: network + UTS namespaces."""
+
+    def node(self, op: str, node: str) -> str:
+        """multinode_cluster.sh kill-node / start-node NODE: a host dying or coming back."""
+        p = subprocess.run(["bash", str(MULTINODE_SH), op, str(self.dir), node], capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"multinode_cluster.sh {op} {node} exited {p.returncode}: {p.stderr}")
+        return p.stderr.strip()
+
+    def subnet(self) -> str:
+        """The cluster's 10.77.X prefix (node I is 10.77.X.(I+1); 10.77.X.1 is the controller)."""
+        return re.search(r"^SUBNET=(\S+)$", (self.dir / "cluster.env").read_text(), re.M).group(1)
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster():
+    """Two Slurm nodes on one machine (tests/slurm/multinode_cluster.sh), torn down at the end even
+    when a test failed; skipped with the script's reason where namespaces or Slurm cannot be had."""
+    if not sys.platform.startswith("linux") or shutil.which("bash") is None:
+        pytest.skip("the multi-node slurm tier needs Linux and bash")
+    cluster_dir = Path(tempfile.mkdtemp(prefix="agro-slurm2-"))
+    p = subprocess.run(["bash", str(MULTINODE_SH), "start", str(cluster_dir), "2"], capture_output=True,
+                       text=True, timeout=900)
+    try:
+        if p.returncode == CANNOT_RUN:
+            pytest.skip(f"multi-node slurm tier skipped: {p.stderr.strip().splitlines()[-1]}")
+        if p.returncode != 0:
+            logs = "\n".join(f"--- {f}\n{tail(f, 15)}" for f in sorted(cluster_dir.glob("**/*.log")))
+            pytest.fail(f"tests/slurm/multinode_cluster.sh start failed (exit {p.returncode}):\n{p.stderr}\n{logs}",
+                        pytrace=False)
+        m = re.search(r"^export SLURM_CONF=(\S+)$", p.stdout, re.M)
+        assert m, f"multinode_cluster.sh printed no SLURM_CONF line: {p.stdout!r}"
+        env = dict(os.environ, SLURM_CONF=m.group(1),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        yield MultiNodeCluster(dir=cluster_dir, env=env)
+    finally:
+        # cancels every job, kills what is left on the nodes, deletes namespaces, bridge and host files
+        if (cluster_dir / "cluster.env").exists():
+            s = subprocess.run(["bash", str(MULTINODE_SH), "stop", str(cluster_dir)], capture_output=True,
+                               text=True, timeout=180)
+            if s.returncode != 0:
+                print(f"multinode_cluster.sh stop: {s.stderr}", file=sys.stderr)
+        if not os.environ.get("AGRO_SLURM_KEEP"):
+            shutil.rmtree(cluster_dir, ignore_errors=True)
