@@ -12,6 +12,7 @@ CORE = [
     "numpy>=1.26",
     "psutil>=5.9",  # megatron dist_checkpointing writers need it
     "pyyaml>=6",
+    "scipy>=1.11",  # agro-study's statistics and scaling-curve fits (study/stats.py)
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "tokenizers>=0.20",
@@ -33,6 +34,8 @@ EXTRAS = {
         "pyarrow>=15",
     ],
     "hf": ["transformers>=4.48,<5.20", "datasets>=2.19", "pyarrow>=15"],
+    # benchmarks/vs_trl.py: the peer trainer it is measured against
+    "bench": ["trl==1.16.0", "transformers>=4.56.2,<5.20", "datasets>=2.19"],
     # GPU extra: imported lazily and optional. vLLM 0.32.0 is the release that requires our
     # torch==2.13.0 (0.33 requires torch 2.14). TransformerEngine is NOT here: its PyTorch part
     # (transformer-engine-torch) is an sdist compiled against torch, and pip's build isolation would
@@ -60,6 +63,7 @@ setup(
             "agro-convert=agro_megatron.cli.convert:main",
             "agro-eval=agro_megatron.cli.eval:main",
             "agro-plan=agro_megatron.cli.plan:main",
+            "agro-study=agro_megatron.cli.study:main",
         ]
     },
 )

@@ -35,7 +35,7 @@ def _bench(log_dir: str, reps: int) -> dict:
     batch = parts.source.next_batch(0, {})
     layout = SequenceLayout(batch.prompts, batch.responses, pad_id=run.data.pad_id,
                             max_tokens=cfg.train.micro_batch_tokens, uniform=False)
-    stats = trainer.token_stats(layout)
+    stats = trainer.token_stats(layout, batch)
     objectives = {est: Objective(dataclasses.replace(cfg.algorithm, estimator=est), temperature=cfg.rollout.temperature,
                                  vocab_size=run.arch.vocab_size) for est in ("agro_on", "rloo")}
     times = {"agro_on": [], "rloo": []}

@@ -1,6 +1,7 @@
 """AGRO losses: sequence and token advantages and the surrogate loss (docs/algorithm.md §2-5)."""
 from agro_megatron.losses.agro import (
     ESTIMATORS,
+    FULL_VOCAB_KL_TOKEN_ESTIMATORS,
     LOGRATIO_REDUCTIONS,
     RATIO_BASELINES,
     TOKEN_ESTIMATORS,
@@ -18,6 +19,7 @@ __all__ = [
     "Objective",
     "TokenStats",
     "ESTIMATORS",
+    "FULL_VOCAB_KL_TOKEN_ESTIMATORS",
     "LOGRATIO_REDUCTIONS",
     "RATIO_BASELINES",
     "TOKEN_ESTIMATORS",

@@ -13,6 +13,9 @@ from torch import Tensor
 
 ESTIMATORS = ("agro_on", "agro_off", "rloo", "kl_pg", "pg")
 TOKEN_ESTIMATORS = ("vanilla", "causal", "local_kl")
+# Token estimators whose advantages read the full-vocabulary KL at every position, so the
+# log-prob pass must run the policy and the reference side by side (no engine log-probs).
+FULL_VOCAB_KL_TOKEN_ESTIMATORS = ("local_kl",)
 RATIO_BASELINES = ("loo_var", "none", "loo_sq")
 LOGRATIO_REDUCTIONS = ("sum", "mean")
 

@@ -19,8 +19,9 @@ from typing import Callable
 
 from torch import Tensor
 
-from agro_megatron.losses.agro import surrogate_loss, token_advantages, validate_algorithm
-from agro_megatron.ops import vocab_parallel_logprobs
+from agro_megatron.losses.agro import (FULL_VOCAB_KL_TOKEN_ESTIMATORS, surrogate_loss, token_advantages,
+                                      validate_algorithm)
+from agro_megatron.ops import output_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,8 @@ class TokenStats:
 
     logprobs: Tensor       # log pi(y_t | y_<t) of the sampled token
     ref_logprobs: Tensor   # log pi_ref(y_t | y_<t)
-    kl: Tensor             # full-vocabulary KL(pi || pi_ref) at that position
-    entropy: Tensor        # full-vocabulary entropy of pi at that position
+    kl: Tensor | None      # full-vocabulary KL(pi || pi_ref) at that position (None: not measured)
+    entropy: Tensor | None # full-vocabulary entropy of pi at that position (None: not measured)
     mask: Tensor           # 1 on response tokens
 
 
@@ -62,6 +63,12 @@ class Objective:
         then the schedule runs the policy and the reference side by side."""
         return self.cfg.estimator == "kl_pg"
 
+    @property
+    def needs_full_vocab_kl(self) -> bool:
+        """Whether the advantages read `TokenStats.kl` (a token estimator built on the full-vocabulary
+        KL): then the log-prob pass must see the policy's and the reference's logits together."""
+        return self.cfg.token_estimator in FULL_VOCAB_KL_TOKEN_ESTIMATORS
+
     def advantages(self, rewards: Tensor, on_policy: Tensor, stats: TokenStats) -> Advantages:
         """rewards [P, n]; on_policy [P, n] (False: replayed, stale, offline, or updated since)."""
         a = self.cfg
@@ -76,7 +83,8 @@ class Objective:
         """`loss_fn(logits, micro_batch) -> (loss, {"loss": ...})` for the pipeline schedule.
 
         `logits`: this rank's vocabulary shard, or the (policy, reference) pair when
-        `needs_reference_logits`. The micro-batch carries its per-position advantages in
+        `needs_reference_logits`; each may instead be `ops.HiddenStates` (train.fused_output), which
+        `output_logprobs` takes alike. The micro-batch carries its per-position advantages in
         `extra["advantages"]` (the sequence layout puts them there). Every sequence is scaled as
         its own group of one with N = `num_sequences`, the batch's sequences on this rank: the
         advantages were computed on whole prompt groups beforehand, so the micro-batch losses
@@ -87,8 +95,8 @@ class Objective:
         def loss_fn(logits, mb):
             policy, reference = logits if paired else (logits, None)
             labels = mb.labels.to(policy.device)
-            st = vocab_parallel_logprobs(policy, labels, ref_logits=reference, temperature=self.temperature,
-                                         compute_entropy=False, vocab_size=self.vocab_size)
+            st = output_logprobs(policy, labels, reference, temperature=self.temperature,
+                                 compute_entropy=False, vocab_size=self.vocab_size)
             rows = (mb.index >= 0).to(policy.device)  # drop the padding rows of uniform micro-batches
             mask = mb.loss_mask.to(policy.device)[rows]
             loss = surrogate_loss(

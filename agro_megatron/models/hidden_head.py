@@ -44,7 +44,9 @@ def enable_hidden_states_output(model: torch.nn.Module) -> None:
                               "output layer would gather the sequence first); use the logits path")
 
     def forward(input_, weight=None, runtime_gather_output=None, **_):
-        setattr(layer, _WEIGHT, layer.weight if weight is None else weight)
+        # into the instance dict: Module.__setattr__ would register a Parameter as a new parameter
+        # (an extra state_dict key that outlives the hook)
+        layer.__dict__[_WEIGHT] = layer.weight if weight is None else weight
         return input_, None
 
     layer.forward = forward

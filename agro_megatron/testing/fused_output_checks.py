@@ -199,6 +199,7 @@ def gpt_head_check(tie: bool, seed: int = 0) -> dict:
                  if p.grad is not None}
         return (st.logprobs.detach(), st.entropy.detach()), grads, out.shape
 
+    keys = sorted(model.state_dict())
     (lp_a, h_a), grads_a, shape_a = run(False)
     if tie:  # both spellings: the context manager, and enable/restore
         with hidden_states_output(model):
@@ -215,5 +216,7 @@ def gpt_head_check(tie: bool, seed: int = 0) -> dict:
         "grads": max(rel_err(grads_b[n], grads_a[n]) for n in grads_a),
         "same_params": sorted(grads_a) == sorted(grads_b),
         "hidden_shape": tuple(shape_b) == (2, 9, arch.hidden_size),
-        "restored": hidden_mode and shape_c == shape_a and not returns_hidden_states(model),
+        # logits again, and no parameter left behind by the hook (a checkpoint would carry it)
+        "restored": hidden_mode and shape_c == shape_a and not returns_hidden_states(model)
+                    and sorted(model.state_dict()) == keys,
     }

@@ -112,7 +112,9 @@ class Evaluator:
     def __init__(self, run: RunContext, engine):
         self.run, self.engine = run, engine
 
-    def evaluate(self, prefix: str = "eval") -> dict:
+    def evaluate(self, prefix: str = "eval", step: int | None = None) -> dict:
+        """{"<prefix>/accuracy": ...}; with `step`, the per-problem counts are also written
+        (`save_problem_counts`)."""
         from agro_megatron.data import format_prompt
         from agro_megatron.eval import evaluate
 
@@ -140,13 +142,42 @@ class Evaluator:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(correct, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if step is not None:
+            self.save_problem_counts(report.problems, step, problems)
         return {f"{prefix}/accuracy": float(correct[0] / correct[1])}
+
+    def save_problem_counts(self, records: list[dict], step: int, problems: list) -> None:
+        """Each held-out problem's (n, correct) at `step`, gathered from every DP x CP rank to the
+        logging rank, into <log_dir>/eval_problems/step_<step>.json. The accuracy alone cannot give
+        unbiased pass@k or paired per-problem comparisons between runs (agro-study report needs both).
+        Also what the study's compute estimate needs: the mean prompt length in tokens and the
+        planner's parameter count of one model replica."""
+        layout = self.run.layout
+        mine = [{"id": str(r["id"]), "n": int(r["n"]), "correct": int(r["num_correct"])} for r in records]
+        gathered = [mine]
+        if layout.dp * layout.cp > 1:
+            from megatron.core import parallel_state as ps
+
+            gathered = [None] * (layout.dp * layout.cp)
+            dist.all_gather_object(gathered, mine, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if not layout.is_logging_rank:
+            return
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["id"])
+        prompt_tokens = sum(len(self.run.data.encode_prompt(p)) for p in problems) / len(problems)
+        out = os.path.join(self.run.log_dir, "eval_problems")
+        os.makedirs(out, exist_ok=True)
+        from agro_megatron.plan.params import total_params_over_ranks
+
+        e = self.run.cfg.eval
+        save_json(os.path.join(out, f"step_{step:06d}.json"),
+                  {"step": step, "n": e.n, "temperature": e.temperature, "prompt_tokens_mean": prompt_tokens,
+                   "params": total_params_over_ranks(self.run.arch, 1, 1, spec="local"), "problems": rows})
 
 
 def load_run_data(cfg: JobConfig, log_dir: str, tokenizer_dir: str | None) -> RunData:
     """Tokenizer and problems. The tiny tokenizer is built (once, by rank 0) for synthetic runs."""
-    from agro_megatron.data import (SYSTEM_PROMPT, build_tiny_tokenizer, generate_problems, load_problems,
-                                    load_tokenizer, split_problems)
+    from agro_megatron.data import SYSTEM_PROMPT, build_tiny_tokenizer, load_tokenizer
+    from agro_megatron.train.inputs import select_problems
 
     d = cfg.data
     if tokenizer_dir is None:
@@ -155,16 +186,9 @@ def load_run_data(cfg: JobConfig, log_dir: str, tokenizer_dir: str | None) -> Ru
             build_tiny_tokenizer(tokenizer_dir, seed=d.seed)
         dist.barrier()
     tokenizer = load_tokenizer(tokenizer_dir)
-    if d.train == "synthetic":
-        pool = generate_problems(d.synthetic_train_size + d.synthetic_heldout_size, seed=d.seed,
-                                 levels=d.synthetic_levels)
-        train, heldout = split_problems(pool, d.synthetic_heldout_size, seed=d.seed)
-    else:
-        train = load_problems(d.train, skip_malformed=d.skip_malformed)
-        heldout = []
-    if d.heldout and d.heldout != "synthetic":
-        heldout = load_problems(d.heldout, skip_malformed=d.skip_malformed)
     system_prompt = SYSTEM_PROMPT if d.system_prompt == "default" else (d.system_prompt or None)
+    # data.heldout's choice, rows over data.max_prompt_tokens rejected by location (train/inputs.py)
+    train, heldout = select_problems(d, tokenizer, system_prompt, d.max_prompt_tokens)
     return RunData(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, train_problems=train, heldout_problems=heldout,
                    system_prompt=system_prompt, max_prompt_tokens=d.max_prompt_tokens)
 

@@ -131,6 +131,17 @@ class SequenceLayout:
             out[k // self.n, k % self.n, :self.response_lens[k]] = rows[k, self._response_slice(k)].double()
         return out
 
+    def from_samples(self, values: list[list[list[float]]]) -> torch.Tensor:
+        """Per-token values given per sample (P x n lists, one value per response token, e.g. the
+        engine's log-probs) -> [P, n, T] float64, 0 past each response's end."""
+        out = torch.zeros(self.num_prompts, self.n, self.longest_response, dtype=torch.float64)
+        for k, length in enumerate(self.response_lens):
+            row = values[k // self.n][k % self.n]
+            if len(row) != length:
+                raise ValueError(f"sample {k}: {len(row)} values for a {length}-token response")
+            out[k // self.n, k % self.n, :length] = torch.tensor(row, dtype=torch.float64)
+        return out
+
     def response_mask(self) -> torch.Tensor:
         """[P, n, T] float64: 1 on response tokens."""
         mask = torch.zeros(self.num_prompts, self.n, self.longest_response, dtype=torch.float64)

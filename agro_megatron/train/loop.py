@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from agro_megatron.losses.objective import Objective, TokenStats
-from agro_megatron.ops import vocab_parallel_logprobs
+from agro_megatron.ops import output_logprobs
 from agro_megatron.sources.base import SampleSource, StepSamples
 from agro_megatron.train.context import Evaluator, RunContext
 from agro_megatron.train.layout import SequenceLayout
@@ -81,18 +81,21 @@ class Trainer:
         self._install_signal_handlers()
         bar = self.context.progress(c.train.steps, initial=self.progress.step, desc="AGRO")
         while self.progress.step < c.train.steps:
-            scalars = self.train_step(self.progress.step)
+            t0 = time.perf_counter()
+            scalars = {**self.train_step(self.progress.step), "time/step_s": time.perf_counter() - t0}
             self.progress.step += 1
             step = self.progress.step
             self.metrics.log(step, scalars)
             bar.update(1)
             bar.set_postfix(reward=f"{scalars.get('train/reward_mean', float('nan')):.3f}",
-                            kl=f"{scalars.get('train/kl_full_vocab', float('nan')):.3f}")
+                            kl=f"{scalars.get('train/kl_full_vocab', scalars.get('train/kl', float('nan'))):.3f}")
             if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
-                self.metrics.log(step, self.evaluator.evaluate(prefix="eval"))
+                self.metrics.log(step, self.evaluator.evaluate(prefix="eval", step=step))
             stopping = self._any_rank(self.stop_signal)
             if stopping or (c.checkpoint.save_every and step % c.checkpoint.save_every == 0):
+                t0 = time.perf_counter()
                 self.context.print(f"saved checkpoint {self.save()}")
+                self.metrics.log(step, {"time/checkpoint_s": time.perf_counter() - t0})
             if stopping:
                 bar.close()
                 raise StopRequested(f"stopped by signal at step {step}; checkpoint saved")
@@ -114,7 +117,7 @@ class Trainer:
             out = {"loss": float("nan"), "skipped": 1.0}   # one rank's NaN reward skips the step everywhere
         else:
             with timer("logprob"):
-                stats = self.token_stats(layout)
+                stats = self.token_stats(layout, batch)
             with timer("train"):
                 out, adv = self.optimize(batch, layout, stats)
         train_state.offload()
@@ -136,37 +139,62 @@ class Trainer:
         first = None
         for epoch in range(self.cfg.algorithm.epochs_per_batch):
             if epoch:
-                batch, stats = batch.after_update(), self.token_stats(layout)
+                batch = batch.after_update()
+                stats = self.token_stats(layout, batch)
             if self.context.layout.is_last_stage:
                 adv = objective.advantages(batch.rewards, batch.on_policy, stats)
                 layout.place("advantages", adv.total)
                 first = adv if first is None else first
-            out = self.bundle.optimizer_step(model, layout.micro_batches, loss_fn, paired=paired)
+            out = self.bundle.optimizer_step(model, layout.micro_batches, loss_fn, paired=paired,
+                                             fused_output=self.cfg.train.fused_output)
             if out["skipped"]:
                 break
         return out, first
 
     @torch.no_grad()
-    def token_stats(self, layout: SequenceLayout) -> TokenStats | None:
+    def token_stats(self, layout: SequenceLayout, batch: StepSamples) -> TokenStats | None:
         """log pi, log pi_ref, full-vocabulary KL and entropy at every response token, [P, n, T];
-        None on ranks without logits. One forward pass of the policy and the reference, paired."""
+        None on ranks without logits. One forward pass of the policy and the reference, paired --
+        or, with `train.logprobs=engine` and a batch drawn entirely from the current policy, the
+        engine's log pi and a forward pass of the reference alone (config.py says what it trades)."""
+        if self.cfg.train.logprobs == "engine" and bool(batch.on_policy.all()):
+            return self._reference_stats(layout, batch)
         temperature, vocab = self.cfg.rollout.temperature, self.context.arch.vocab_size
 
-        def stats_fn(logits, mb):
-            policy, reference = logits
+        def stats_fn(outputs, mb):  # logits shards, or HiddenStates under train.fused_output
+            policy, reference = outputs
             labels = mb.labels.to(policy.device)
-            st = vocab_parallel_logprobs(policy, labels, ref_logits=reference, temperature=temperature,
-                                         vocab_size=vocab)
-            ref = vocab_parallel_logprobs(reference, labels, temperature=temperature, compute_entropy=False,
-                                          vocab_size=vocab)
+            st = output_logprobs(policy, labels, reference, temperature=temperature, vocab_size=vocab)
+            ref = output_logprobs(reference, labels, temperature=temperature, compute_entropy=False,
+                                  vocab_size=vocab)
             return torch.zeros((), device=policy.device), {"logprobs": st.logprobs, "ref_logprobs": ref.logprobs,
                                                            "kl": st.kl, "entropy": st.entropy}
 
-        per_mb = run_micro_batches(self.paired_model, layout.micro_batches, stats_fn, forward_only=True, paired=True)
+        per_mb = run_micro_batches(self.paired_model, layout.micro_batches, stats_fn, forward_only=True, paired=True,
+                                   fused_output=self.cfg.train.fused_output)
         if not self.context.layout.is_last_stage:
             return None
         keys = ("logprobs", "ref_logprobs", "kl", "entropy")
         return TokenStats(**{k: layout.to_responses(per_mb, k) for k in keys}, mask=layout.response_mask())
+
+    def _reference_stats(self, layout: SequenceLayout, batch: StepSamples) -> TokenStats | None:
+        """TokenStats with log pi from the engine (the samples' behaviour log-probs, which are the
+        current policy's) and log pi_ref from one forward pass of the reference; no full-vocabulary
+        KL or entropy."""
+        temperature, vocab = self.cfg.rollout.temperature, self.context.arch.vocab_size
+
+        def stats_fn(output, mb):
+            ref = output_logprobs(output, mb.labels.to(output.device), temperature=temperature,
+                                  compute_entropy=False, vocab_size=vocab)
+            return torch.zeros((), device=output.device), {"ref_logprobs": ref.logprobs}
+
+        per_mb = run_micro_batches(self.bundle.reference, layout.micro_batches, stats_fn, forward_only=True,
+                                   fused_output=self.cfg.train.fused_output)
+        if not self.context.layout.is_last_stage:
+            return None
+        engine = layout.from_samples([[s.logprobs for s in row] for row in batch.samples])
+        return TokenStats(logprobs=engine, ref_logprobs=layout.to_responses(per_mb, "ref_logprobs"),
+                          kl=None, entropy=None, mask=layout.response_mask())
 
     # ------------------------------------------------------------------ metrics
     def _step_metrics(self, batch, stats, adv) -> dict:
@@ -222,11 +250,14 @@ class Trainer:
         c = self.cfg.checkpoint
         if c.resume == "never":
             return False
-        path = self.checkpoints.latest() if c.resume == "auto" else c.resume
+        with self.bundle.train_state.resident():
+            if c.resume == "auto":  # the newest intact checkpoint (damaged newer ones are reported and skipped)
+                path = self.checkpoints.load_newest()
+            else:
+                path = c.resume
+                self.checkpoints.load(path)
         if not path:
             return False
-        with self.bundle.train_state.resident():
-            self.checkpoints.load(path)
         self.engine.update_weights(self.bundle.module)  # a vLLM engine still holds the starting weights
         self.context.print(f"resumed from {path} at step {self.progress.step}")
         return True

@@ -4,6 +4,13 @@ The trainer hands over micro-batches of right-padded sequences (train/layout.py)
 `loss_fn(logits_shard, mb)` that runs on the last pipeline stage. This module owns the megatron
 details: pipeline shapes, the policy+reference pairing, and the micro-batch loss scaling.
 
+The fused output path (`fused_output=True`, config `train.fused_output`): for the duration of one
+schedule call, the last stage's models return final hidden states instead of logits
+(models/hidden_head.py) and loss_fn gets `HiddenStates(hidden, output weight)` in place of each
+logits shard, for `agro_megatron.ops.output_logprobs` to turn into log-probs without ever forming
+the [tokens, V/TP] logits. The hook is undone when the call returns, so a sampler sharing the
+model instance (rollout/native.py) still gets logits.
+
 Context parallelism (cp > 1): each CP rank runs its positions of every sequence (the layout's
 `MicroBatch.split_for_context_parallel`). The loss_fn sees this rank's positions only; the
 per-position stats it returns come back gathered to whole sequences and its scalar stats summed, so
@@ -22,6 +29,8 @@ import torch
 
 from agro_megatron import platform
 from agro_megatron.models import unwrap_model
+from agro_megatron.models.hidden_head import hidden_states_output, output_weight
+from agro_megatron.ops.output import HiddenStates
 from agro_megatron.ops.context_parallel import cp_size_and_rank, gather_sequence, split_sequence
 from agro_megatron.train.layout import MicroBatch
 
@@ -64,7 +73,7 @@ class PolicyWithReference(torch.nn.Module):
         with torch.no_grad():
             out_ref = self.reference(input_ids, position_ids, attention_mask)
         if unwrap_model(self.policy).post_process:
-            return torch.cat([out_pol, out_ref.detach()], dim=0)  # logits [2b, s, V/tp]
+            return torch.cat([out_pol, out_ref.detach()], dim=0)  # logits [2b, s, V/tp] (or hidden [2b, s, h])
         return torch.cat([out_pol, out_ref.detach()], dim=1)      # hidden [s, 2b, h]
 
 
@@ -75,6 +84,7 @@ def run_micro_batches(
     *,
     forward_only: bool,
     paired: bool = False,
+    fused_output: bool = False,
 ) -> list[dict]:
     """Forward (and backward unless forward_only) every micro-batch; return loss_fn's stats.
 
@@ -82,6 +92,10 @@ def run_micro_batches(
     `(policy_logits, reference_logits)` when `paired`) and returns (loss, stats). Its loss must be the
     micro-batch's share of the total objective: this function undoes megatron's 1/num_microbatches.
     Stats come back (in micro-batch order) on the last pipeline stage, [] elsewhere.
+
+    `fused_output`: loss_fn gets `HiddenStates` (ops/output.py: this stage's final hidden states and
+    the output weight of the model that produced them) wherever it would get logits, the pair
+    `(policy HiddenStates, reference HiddenStates)` when `paired`. The logits are never formed.
 
     Under context parallelism loss_fn gets `mb.split_for_context_parallel(...)` and the logits of
     those positions; its stats must be 0-dim tensors (additive over positions, e.g. the loss: summed
@@ -101,6 +115,8 @@ def run_micro_batches(
     dev = platform.device()
     cp_size, cp_rank = cp_size_and_rank()
     stats: list[dict] = []
+    # the models whose output layer returns hidden states during this call (last stage only)
+    heads = _output_models(model, paired) if fused_output else ()
 
     def forward_step(data_iterator, m):
         whole = next(data_iterator)
@@ -112,6 +128,9 @@ def run_micro_batches(
         def loss_func(logits):
             if paired:
                 logits = logits.chunk(2, dim=0)
+            if heads:  # hidden states [b, L, h] (each of the pair), with their model's output weight
+                outs = [HiddenStates(h, output_weight(m)) for h, m in zip(logits if paired else [logits], heads)]
+                logits = tuple(outs) if paired else outs[0]
             loss, st = loss_fn(logits, mb)
             stats.append(st)
             # megatron multiplies a (loss, stats) loss by the CP size (DDP averages over DP x CP)
@@ -119,13 +138,21 @@ def run_micro_batches(
 
         return output, loss_func
 
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=n_mb, seq_length=L, micro_batch_size=b * (2 if paired else 1),
-        forward_only=forward_only)
+    with hidden_states_output(*heads):
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=n_mb, seq_length=L, micro_batch_size=b * (2 if paired else 1),
+            forward_only=forward_only)
     if cp_size > 1:
         stats = [_whole_sequence_stats(st, cp_size) for st in stats]
     return stats
+
+
+def _output_models(model: torch.nn.Module, paired: bool) -> tuple:
+    """The models whose outputs loss_fn sees, (policy, reference) when paired, if this rank holds
+    the last pipeline stage (the only one with an output layer); () on other stages."""
+    models = (model.policy, model.reference) if paired else (model,)
+    return models if unwrap_model(models[0]).post_process else ()
 
 
 def _whole_sequence_stats(st: dict, cp_size: int) -> dict:

@@ -22,16 +22,21 @@ import torch.distributed as dist
 from agro_megatron import parallel
 from agro_megatron.config import JobConfig
 from agro_megatron.losses.objective import Objective
+from agro_megatron.platform.lifetime import die_with_parent
 from agro_megatron.sources import make_sample_source
 from agro_megatron.sources.base import PromptStream, RolloutGenerator
 from agro_megatron.train import state as ckpt
 from agro_megatron.train.context import Evaluator, ProcessLayout, RunContext, load_run_data, save_json
 from agro_megatron.train.loop import StopRequested, Trainer
+from agro_megatron.train.run_dir import claim_run_dir
 from agro_megatron.train.model_setup import PolicyBundle, arch_for_job, build_policy, build_reference
 
 
 def default_reward_fn(cfg: JobConfig) -> Callable:
     from agro_megatron.rewards import score_batch
+    from agro_megatron.rewards.math import warm
+
+    warm(wait=False)  # the sandbox starts while the model is built: no step pays its start-up
 
     def reward(responses, truths):
         return score_batch(responses, truths)
@@ -43,15 +48,20 @@ def start_job(cfg: JobConfig, reward_fn: Callable | None = None) -> RunContext:
     """Process groups (timeouts from parallel.*), the world-size check, megatron's parallel state,
     then the run's context: the first half of every job (agro-train, agro-sft)."""
     cfg.validate()  # before the process group: its timeout is parallel.timeout_minutes
-    parallel.init_distributed(timeout_minutes=cfg.parallel.timeout_minutes)
+    from agro_megatron.config import check_writable_dir
+
+    check_writable_dir("logging.dir", cfg.logging.dir)  # on every rank, before any rank can wait for another
+    if cfg.checkpoint.dir:
+        check_writable_dir("checkpoint.dir", cfg.checkpoint.dir)
+    parallel.init_distributed(timeout_minutes=cfg.parallel.timeout_minutes,
+                              rendezvous_timeout_minutes=cfg.parallel.rendezvous_timeout_minutes)
     cfg.validate(world_size=dist.get_world_size())
+    die_with_parent()  # processes forked from here on (megatron's checkpoint writers) die with this one
     p = cfg.parallel
     parallel.init_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
     log_dir = cfg.logging.dir
-    if dist.get_rank() == 0:
-        os.makedirs(log_dir, exist_ok=True)
-        save_json(os.path.join(log_dir, "config.json"), cfg.to_dict())
-    dist.barrier()
+    # the dir belongs to one run: resume it only with its config; resume=never moves it aside (run_dir.py)
+    claim_run_dir(cfg)
     tok_dir = cfg.model.tokenizer
     if tok_dir is None and cfg.model.megatron_checkpoint:
         from agro_megatron.checkpoint.convert import ASSETS_DIR
@@ -111,22 +121,31 @@ def converted_hf_checkpoint(run: RunContext) -> str:
 
 
 def run_sft_stage(run: RunContext) -> str | None:
-    """SFT warm-up (once): returns the saved model's path, or None when sft.steps == 0."""
+    """SFT warm-up (once): returns the saved model's path, or None when sft.steps == 0.
+    StopRequested (after saving the SFT state, which the next run resumes) on SIGTERM/SIGUSR1."""
     cfg = run.cfg
     if cfg.sft.steps <= 0:
         return None
     path = os.path.join(run.log_dir, "sft_model")
+    ckpt.recover_model_checkpoint(path)  # a kill in the middle of its save may have left it under a temp name
     if os.path.exists(os.path.join(path, "COMPLETE")):
         run.print(f"SFT model found at {path}; skipping SFT")
         return path
-    from agro_megatron.train.sft import run_sft
+    from agro_megatron.train.sft import StopSignals, discard_sft_checkpoints, run_sft, sft_examples
 
+    examples = sft_examples(run)  # over-long rows stop the job here, before any model is built
     bundle = build_policy(cfg, run.arch, lr=cfg.sft.lr, total_steps=cfg.sft.steps, with_reference=False)
     _starting_weights(run, bundle.module)
     bundle.optimizer.reload_model_params()  # bf16: the fp32 master weights follow the loaded ones
-    losses = run_sft(run, bundle)
-    ckpt.save_model_checkpoint(path, bundle.module)
-    run.print(f"SFT done: loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved {path}")
+    with StopSignals() as stop:  # SIGTERM/SIGUSR1: save the SFT state, StopRequested (exit 75)
+        losses = run_sft(run, bundle, examples, stop=stop)
+        ckpt.save_model_checkpoint(path, bundle.module)
+        run.print(f"SFT done: loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved {path}")
+        discard_sft_checkpoints(run)
+        if stop.requested():  # the signal came during the last step or the save
+            run.print(f"stopped by signal after SFT; the SFT model is saved in {path} and the same command "
+                      "continues with RL")
+            raise StopRequested("stopped by signal after SFT")
     return path
 
 
@@ -177,7 +196,10 @@ def setup_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> tuple[Run
 
 def run_job(cfg: JobConfig, *, reward_fn: Callable | None = None) -> dict:
     """Run the whole job on this process (a rank of a torchrun/srun launch, or alone)."""
-    run, parts = setup_job(cfg, reward_fn=reward_fn)
+    try:
+        run, parts = setup_job(cfg, reward_fn=reward_fn)
+    except StopRequested:  # a signal during SFT: its state is saved and the message printed (train/sft.py)
+        return {"stopped": True, "steps": 0}
     try:
         return _train_and_evaluate(run, parts)
     finally:
@@ -191,7 +213,7 @@ def _train_and_evaluate(run: RunContext, parts: Training) -> dict:
         with open(before_path) as f:
             before = json.load(f)
     else:
-        before = parts.evaluator.evaluate(prefix="eval")
+        before = parts.evaluator.evaluate(prefix="eval", step=0)
         if run.layout.is_logging_rank:
             save_json(before_path, before)
         dist.barrier()
@@ -210,7 +232,7 @@ def _train_and_evaluate(run: RunContext, parts: Training) -> dict:
         return {"stopped": True, "steps": trainer.progress.step, "trainer": trainer}
     trainer.save()
     final = save_final_model(run, parts.bundle)
-    after = parts.evaluator.evaluate(prefix="eval")
+    after = parts.evaluator.evaluate(prefix="eval", step=trainer.progress.step)
     trainer.metrics.log(trainer.progress.step, after)
     trainer.metrics.close()
     layout = run.layout
@@ -219,11 +241,18 @@ def _train_and_evaluate(run: RunContext, parts: Training) -> dict:
               "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp},
               "log_dir": run.log_dir, "final_model": str(final)}
     if layout.is_logging_rank:
+        from agro_megatron.train.metrics import format_phase_table, phase_table
+
+        result["phases"] = {phase: seconds for phase, seconds, _ in phase_table(trainer.metrics.history)}
+        if result["phases"]:
+            print("where a step's time went (median per step; checkpoint: total / steps)\n"
+                  + format_phase_table(trainer.metrics.history), flush=True)
         if cfg.logging.plots:
             result["plot"] = trainer.metrics.plot(os.path.join(run.log_dir, "training.png"))
         save_json(os.path.join(run.log_dir, "result.json"), result)
-        if result["before"] is not None:
-            print(f"heldout_accuracy before={result['before']:.4f} after={result['after']:.4f}", flush=True)
+        from agro_megatron.train.inputs import heldout_line
+
+        print(heldout_line(cfg.data, result["before"], result["after"]), flush=True)  # always the last line
     result["trainer"] = trainer  # in-process callers (tests, notebooks) can inspect the final state
     return result
 
