@@ -112,3 +112,38 @@ def test_split_is_disjoint_deterministic_and_complete():
     assert len(split_problems(generate_problems(50, seed=0), 10)[1]) == 10
     with pytest.raises(ValueError):
         split_problems(problems, 1.5)
+
+
+# --- the `sums` kind: the generalisation task of the CPU demo -------------------------------------
+SUMS_SPACE = {1: 100, 2: 1000, 3: 1000, 4: 10_000, 5: 100_000}
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_sums_answers_and_worked_steps_are_exact(level):
+    for p in generate_problems(300, seed=level, levels=[level], kinds=["sums"], unique=False):
+        terms = [int(t) for t in re.fullmatch(r"What is \$(\d+(?: \+ \d+)+)\$\?", p.problem).group(1).split(" + ")]
+        assert p.answer == str(sum(terms)) and p.subject == "Addition"
+        assert p.solution.endswith(f"{FINAL_ANSWER_MARKER} {sum(terms)}")
+        # every worked step is a true equation (checked from the text alone)
+        for lhs, rhs in re.findall(r"(\d+ \+ \d+) = (\d+)", p.solution):
+            a, b = map(int, lhs.split(" + "))
+            assert a + b == int(rhs)
+        assert len(terms) == (3 if level == 2 else 2)
+
+
+def test_sums_space_sizes_by_exact_enumeration():
+    # small levels: draw until every problem has been seen, and compare with the enumerated count
+    for level in (1, 2, 3):
+        seen = {p.problem for p in generate_problems(20 * SUMS_SPACE[level], seed=0, levels=[level],
+                                                     kinds=["sums"], unique=False)}
+        assert len(seen) == SUMS_SPACE[level], level
+    with pytest.raises(ValueError, match="found only 100 distinct"):
+        generate_problems(101, seed=0, levels=[1], kinds=["sums"])
+    # the demo's split: 400 training problems leave most of the level-2 space unseen
+    assert len(generate_problems(600, seed=0, levels=[2], kinds=["sums"])) == 600
+
+
+def test_sums_are_never_part_of_the_default_mix():
+    mixed = generate_problems(2000, seed=0, unique=False)
+    assert "Addition" not in {p.subject for p in mixed}
+    assert {p.meta["kind"] for p in mixed} == {"arithmetic", "fractions", "linear", "word"}

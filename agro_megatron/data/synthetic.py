@@ -1,9 +1,16 @@
 """Synthetic MATH-format problems with exact answers, for the CPU demo and tests.
 
-Four kinds (arithmetic, fractions, linear equations, word problems) at difficulty levels 1-5.
-Level 1 is single-digit addition only, which a tiny transformer can learn after a short SFT
+Four mixed kinds (arithmetic, fractions, linear equations, word problems) at difficulty levels
+1-5. Level 1 is single-digit addition only, which a tiny transformer can learn after a short SFT
 warm-up; the worked solutions are one or two short steps ending in "The final answer is X"
 (X in MATH's LaTeX style, e.g. ``\\frac{5}{6}``), so SFT sequences stay around 40 tokens or less.
+
+A fifth kind, ``sums`` (asked for by name, never part of the default mix), is the task on which
+RL on a tiny model visibly *generalises*: its levels add one skill at a time (level 2: three
+single digits in two worked steps, 1,000 problems; level 4: two two-digit numbers, 10,000). A
+training set of a few hundred covers a small part of that space, so held-out accuracy can only rise if the policy gets better at the
+skill (carrying), not by recalling the answers it was trained on -- which is all the 100
+single-digit sums of level 1 allow.
 Everything is computed with ``fractions.Fraction`` and is a pure function of the seed.
 """
 from __future__ import annotations
@@ -21,9 +28,12 @@ SUBJECTS = {
     "fractions": "Fractions",
     "linear": "Linear Equations",
     "word": "Word Problems",
+    "sums": "Addition",
 }
-# Level 1 is kept to the one skill a tiny model learns first.
-KINDS_AT_LEVEL = {1: ("arithmetic",), **{lv: tuple(SUBJECTS) for lv in (2, 3, 4, 5)}}
+# What `kinds=None` means: the mixed MATH-like kinds. `sums` is only generated when named.
+DEFAULT_KINDS = ("arithmetic", "fractions", "linear", "word")
+# Level 1 of the default mix is kept to the one skill a tiny model learns first.
+KINDS_AT_LEVEL = {1: ("arithmetic", "sums"), **{lv: DEFAULT_KINDS + ("sums",) for lv in (2, 3, 4, 5)}}
 
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Max", "Zoe")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "shells")
@@ -177,11 +187,25 @@ def _word(rng: random.Random, level: int) -> Generated:
     return text, f"{a} \\times {b} = {a * b}, {a * b} - {c} = {a * b - c}.", Fraction(a * b - c)
 
 
+def _sums(rng: random.Random, level: int) -> Generated:
+    """Sums that grow one skill at a time: level 1, ``a + b`` of single digits (100 problems);
+    2, three single digits, worked in two steps (1,000); 3, a two-digit plus a one-digit number
+    (1,000); 4, two two-digit numbers (10,000); 5, a three-digit plus a two-digit number (10^5)."""
+    r = rng.randint
+    if level == 2:
+        a, b, c = r(0, 9), r(0, 9), r(0, 9)
+        return f"What is ${a} + {b} + {c}$?", f"{a} + {b} = {a + b}, {a + b} + {c} = {a + b + c}.", Fraction(a + b + c)
+    digits_a, digits_b = {1: (1, 1), 3: (2, 1), 4: (2, 2), 5: (3, 2)}[level]
+    a, b = r(0, 10 ** digits_a - 1), r(0, 10 ** digits_b - 1)
+    return f"What is ${a} + {b}$?", f"{a} + {b} = {a + b}.", Fraction(a + b)
+
+
 GENERATORS: dict[str, Callable[[random.Random, int], Generated]] = {
     "arithmetic": _arithmetic,
     "fractions": _fractions,
     "linear": _linear,
     "word": _word,
+    "sums": _sums,
 }
 
 
@@ -195,11 +219,12 @@ def generate_problems(
 ) -> list[Problem]:
     """``n`` problems; each draws a level uniformly from ``levels``, then a kind available at it.
 
-    ``unique`` (default) rejects repeated problem texts; level 1 alone has only 100 distinct
-    problems, so asking for more raises an error that says so.
+    ``kinds`` defaults to the mixed kinds (``DEFAULT_KINDS``). ``unique`` (default) rejects repeated
+    problem texts; level 1 alone has only 100 distinct problems, so asking for more raises an
+    error that says so.
     """
     levels = tuple(levels)
-    kinds = tuple(SUBJECTS) if kinds is None else tuple(kinds)
+    kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     bad = [k for k in kinds if k not in GENERATORS]
