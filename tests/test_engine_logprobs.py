@@ -44,10 +44,15 @@ def test_engine_logprobs_train_to_the_same_weights(tmp_path):
     common = {"train.steps": 3, "checkpoint.save_every": 0}
     exact = run_distributed(lc.final_weights, 1, args=(str(tmp_path / "a"), {**common}))[0]
     fast = run_distributed(lc.final_weights, 1, args=(str(tmp_path / "b"), {**common, "train.logprobs": "engine"}))[0]
+    # Adam turns float32 rounding on near-zero gradient elements into lr-sized updates, so compare
+    # whole tensors: the two runs differ by a tiny fraction of what training moved them
+    start = exact["start"]
     for k, v in exact["weights"].items():
-        torch.testing.assert_close(fast["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    moved = sum((exact["weights"][k] - v).abs().sum().item() for k, v in fast["weights"].items())
-    assert moved < 1e-2
+        moved = (v - start[k]).norm().item()
+        assert moved > 0, k
+        assert (fast["weights"][k] - v).norm().item() <= 1e-2 * moved + 1e-7, k  # measured: <= 2.6e-3
+    losses = lambda h: [r["train/loss"] for r in h if "train/loss" in r]
+    torch.testing.assert_close(losses(fast["history"]), losses(exact["history"]), rtol=1e-4, atol=1e-6)
     steps = [r for r in fast["history"] if "train/loss" in r]
     assert len(steps) == 3 and all("train/kl" in r and "train/kl_full_vocab" not in r for r in steps)
     assert all("train/kl_full_vocab" in r for r in exact["history"] if "train/loss" in r)

@@ -39,10 +39,11 @@ def both_paths_on_one_batch(log_dir: str, overrides: dict) -> dict:
 
 
 def final_weights(log_dir: str, overrides: dict) -> dict:
-    """run_job, then the trained weights and the logged history."""
+    """run_job, then the starting and trained weights and the logged history."""
     from agro_megatron.train.run import run_job
 
     result = run_job(tiny_config(log_dir, **overrides), reward_fn=length_reward)
     trainer = result.pop("trainer")
     weights = {k: v.detach().clone() for k, v in trainer.bundle.module.state_dict().items() if torch.is_tensor(v)}
-    return {"weights": weights, "history": trainer.metrics.history}
+    start = {k: v.detach().clone() for k, v in trainer.bundle.reference.state_dict().items() if torch.is_tensor(v)}
+    return {"weights": weights, "start": start, "history": trainer.metrics.history}
