@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from agro_megatron.study.cells import read_status
 
 KL_KEY = "train/kl_full_vocab"   # the KL plotted by train/metrics.py: >= 0 in every regime
+# Runs with train.logprobs=engine do not measure the full-vocabulary KL; their on-policy batches'
+# sampled log-ratio (its unbiased estimate) stands in for it, as in train/metrics.py's plots.
+SAMPLED_KL_KEY = "train/kl"
 END_WINDOW = 5                   # "KL at the end": the mean over the last steps (one step is noisy)
 
 
@@ -111,8 +114,8 @@ def _read_metrics(path: str, res: CellResult) -> None:
             step = int(rec.get("step", 0))
             if "eval/accuracy" in rec:
                 evals[step] = float(rec["eval/accuracy"])
-            if KL_KEY in rec:
-                kl[step] = float(rec[KL_KEY])
+            if KL_KEY in rec or SAMPLED_KL_KEY in rec:
+                kl[step] = float(rec.get(KL_KEY, rec.get(SAMPLED_KL_KEY)))
             if "train/response_length" in rec:
                 length[step] = float(rec["train/response_length"])
     res.evals, res.kl, res.response_length = sorted(evals.items()), sorted(kl.items()), sorted(length.items())
