@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 
+from agro_megatron.checkpoint.manifest import MANIFEST_NAME
+
 from agro_megatron.models.llama import layer_spec_kind
 from agro_megatron.testing.distributed import run_distributed
 
@@ -62,9 +64,10 @@ def _save_then_resume(root: str) -> dict:
         out["te"] = "loaded"
     except ckpt.CheckpointSpecMismatch as e:
         out["te"] = str(e)
-    legacy = path + "_legacy"  # the same checkpoint as older code wrote it: no record
+    legacy = path + "_legacy"  # the same checkpoint as older code wrote it: no record, no checksums
     shutil.copytree(path, legacy)
     os.remove(os.path.join(legacy, ckpt.META_NAME))
+    os.remove(os.path.join(legacy, MANIFEST_NAME))
     try:
         ckpt.load_trainer_checkpoint(legacy, model, optimizer)
         out["te_legacy"] = "loaded"
