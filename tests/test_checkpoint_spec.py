@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from agro_megatron.checkpoint.manifest import MANIFEST_NAME
-
 from agro_megatron.models.llama import layer_spec_kind
 from agro_megatron.testing.distributed import run_distributed
 
