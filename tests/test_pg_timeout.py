@@ -73,8 +73,8 @@ def hf(tmp_path_factory):
 
 
 def test_timeout_keys_are_validated():
-    for key in ("timeout_minutes", "long_work_timeout_minutes"):
-        with pytest.raises(ConfigError, match=f"parallel.{key}=0.0 must be > 0"):
+    for key in ("timeout_minutes", "long_work_timeout_minutes", "rendezvous_timeout_minutes"):
+        with pytest.raises(ConfigError, match=rf"parallel.{key}=0.0 is out of range: it must be .*> 0"):
             JobConfig.load(None, [f"parallel.{key}=0"]).validate()
     cfg = JobConfig.load(None, ["parallel.timeout_minutes=0.05"]).validate()
     assert cfg.parallel.timeout_minutes == 0.05 and cfg.parallel.long_work_timeout_minutes > 30

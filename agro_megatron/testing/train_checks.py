@@ -224,14 +224,15 @@ def run_with_stand_in_vllm(root: str, runs: dict) -> dict:
 
 
 def zero_lr_step_keeps_loaded_weights(log_dir: str, dtype: str) -> dict:
-    """SFT (2 steps) then one RL step at learning rate 0: the policy must still hold the weights
+    """SFT (2 steps) then one RL step at learning rate 1e-30 (0 is refused by validation; an update
+    that small rounds away in fp32 and bf16): the policy must still hold the weights
     it was started from (the SFT model). With bf16 the optimizer keeps fp32 master weights; if
     they were not reloaded after the starting weights were loaded, the step writes the random
     initialisation back."""
     from agro_megatron.train.loop import Trainer
     from agro_megatron.train.run import setup_job
 
-    cfg = tiny_config(log_dir, **{"model.dtype": dtype, "sft.steps": 2, "sft.batch_size": 4, "optim.lr": 0.0,
+    cfg = tiny_config(log_dir, **{"model.dtype": dtype, "sft.steps": 2, "sft.batch_size": 4, "optim.lr": 1e-30,
                                   "checkpoint.save_every": 0})
     run, parts = setup_job(cfg, reward_fn=length_reward)
     start = {k: v.detach().clone() for k, v in parts.bundle.module.state_dict().items() if torch.is_tensor(v)}

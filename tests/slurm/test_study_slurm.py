@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-STEPS = 30
+STEPS = 200  # long enough (~20 s on a quiet machine) that the USR1 lands before the cell finishes
 
 
 def _study(tmp: Path) -> Path:
@@ -28,7 +28,7 @@ data: {{synthetic_train_size: 16, synthetic_heldout_size: 4}}
 rollout: {{n: 2, max_new_tokens: 6}}
 train: {{steps: {STEPS}, prompts_per_step: 2}}
 sft: {{steps: 2, batch_size: 4}}
-eval: {{every: 4, n: 2, max_problems: 4}}
+eval: {{every: 50, n: 2, max_problems: 4}}
 logging: {{progress: false, plots: false, tensorboard: false}}
 checkpoint: {{save_every: 0, keep_last: 5}}
 """)
