@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from agro_megatron.ops.vocab_parallel import VocabParallelStats, _resolve_group
+from agro_megatron.ops.vocab_parallel import VocabParallelStats, _resolve_group, grad_coefficients
 
 # Default tile: DEFAULT_TOKEN_BLOCK tokens x DEFAULT_VOCAB_BLOCK vocabulary columns, 4 MB per
 # float32 buffer (1-3 of them, plus one tile in the matmul dtype). Fastest of the sizes tried on
@@ -190,30 +190,8 @@ def _backward(h, w, hq, wq, state, g_lp, g_h, g_kl, cfg: _Cfg):
     """(d hidden [N, H] float32/64, d W [Vp, H] in w's dtype) of sum(g . outputs)."""
     lse, lse_q, ent, kl, valid, owned, local = state
     n, dev, cdt, inv_t = h.shape[0], h.device, _cdt(h), cfg.inv_t
-    f64 = dict(dtype=_F64, device=dev)
-    zero = torch.zeros((), **f64)
-    mask = lambda g: torch.where(valid, g.reshape(-1).to(_F64), zero)  # noqa: E731
-    # d/dz_v = p_v (A + B log p_v + C log q_v) + 1[v=y] g_lp/T, per-token A, B, C.
-    coef_a = torch.zeros(n, **f64)
-    coef_b = torch.zeros(n, **f64) if (g_h is not None or g_kl is not None) else None
-    coef_c = None
-    if g_lp is not None:
-        g_lp = mask(g_lp)
-        coef_a -= g_lp
-    if g_h is not None:
-        g_h = mask(g_h)
-        coef_a -= g_h * ent
-        coef_b -= g_h
-    if g_kl is not None:
-        g_kl = mask(g_kl)
-        coef_a -= g_kl * kl
-        coef_b += g_kl
-        coef_c = (-g_kl * inv_t).to(cdt).unsqueeze(-1)
-    col = lambda t: (t * inv_t).to(cdt).unsqueeze(-1)  # noqa: E731
-    coef_a = col(coef_a)
-    coef_b = None if coef_b is None else col(coef_b)
-    neg_lse = (-lse).to(cdt).unsqueeze(-1)
-    neg_lse_q = None if lse_q is None else (-lse_q).to(cdt).unsqueeze(-1)
+    # d/dz_v = p_v (A + B log p_v + C log q_v) + 1[v=y] g_lp/T: the logits op's coefficients
+    coef_a, coef_b, coef_c, neg_lse, neg_lse_q, g_lp = grad_coefficients(state, g_lp, g_h, g_kl, inv_t, cdt)
     hot = None if g_lp is None else (g_lp * inv_t).to(cdt)
 
     mdt = h.dtype  # matmul dtype of the d W / d hidden products (as an unfused output layer)

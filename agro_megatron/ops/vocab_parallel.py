@@ -185,14 +185,21 @@ def _forward(z, w, target, cfg: _Cfg):
     return outs, (lse, lse_q, ent, kl, valid, owned, local)
 
 
-def _backward(z, w, grad_out, state, g_lp, g_h, g_kl, cfg: _Cfg):
-    """d(sum g . outputs)/dz written chunk by chunk into `grad_out` (which may be z itself)."""
-    lse, lse_q, ent, kl, valid, owned, local = state
-    n, inv_t, cdt = z.shape[0], cfg.inv_t, _compute_dtype(z)
-    f64 = dict(dtype=_F64, device=z.device)
+def grad_coefficients(state, g_lp, g_h, g_kl, inv_t: float, cdt: torch.dtype):
+    """The per-token coefficients of the gradient of sum(g . (log-prob, entropy, KL)) with respect
+    to the logits, shared by this op and the hidden-state op (ops/fused_output.py), which only
+    differ in where the logits come from:
+
+        d/dz_v = p_v (A + B log p_v + C log q_v) + 1[v = y] g_lp / T
+
+    `state` is the forward's (lse, lse_q, ent, kl, valid, owned, local). Returns (A, B, C, -lse,
+    -lse_q, g_lp masked to valid tokens), the first five as [N, 1] columns in `cdt` (B, C and
+    -lse_q are None when no entropy/KL gradient or no reference is involved)."""
+    lse, lse_q, ent, kl, valid, _, _ = state
+    n = lse.shape[0]
+    f64 = dict(dtype=_F64, device=lse.device)
     zero = torch.zeros((), **f64)
     mask = lambda g: torch.where(valid, g.reshape(-1).to(_F64), zero)  # noqa: E731
-    # grad_v = p_v (A + B log p_v + C log q_v) + 1[v=y] g_lp/T with per-token A, B, C.
     coef_a = torch.zeros(n, **f64)
     coef_b = torch.zeros(n, **f64) if (g_h is not None or g_kl is not None) else None
     coef_c = None
@@ -209,10 +216,16 @@ def _backward(z, w, grad_out, state, g_lp, g_h, g_kl, cfg: _Cfg):
         coef_b += g_kl
         coef_c = (-g_kl * inv_t).to(cdt).unsqueeze(-1)
     col = lambda t: (t * inv_t).to(cdt).unsqueeze(-1)  # noqa: E731
-    coef_a = col(coef_a)
-    coef_b = None if coef_b is None else col(coef_b)
-    neg_lse = (-lse).to(cdt).unsqueeze(-1)
     neg_lse_q = None if lse_q is None else (-lse_q).to(cdt).unsqueeze(-1)
+    return (col(coef_a), None if coef_b is None else col(coef_b), coef_c, (-lse).to(cdt).unsqueeze(-1),
+            neg_lse_q, g_lp)
+
+
+def _backward(z, w, grad_out, state, g_lp, g_h, g_kl, cfg: _Cfg):
+    """d(sum g . outputs)/dz written chunk by chunk into `grad_out` (which may be z itself)."""
+    lse, lse_q, ent, kl, valid, owned, local = state
+    n, inv_t, cdt = z.shape[0], cfg.inv_t, _compute_dtype(z)
+    coef_a, coef_b, coef_c, neg_lse, neg_lse_q, g_lp = grad_coefficients(state, g_lp, g_h, g_kl, inv_t, cdt)
 
     if cfg.cols < z.shape[1]:
         grad_out[:, cfg.cols:].zero_()  # TP padding columns are outside the distribution
