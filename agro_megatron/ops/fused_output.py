@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from agro_megatron.ops.vocab_parallel import VocabParallelStats, _resolve_group, grad_coefficients
+from agro_megatron.ops.vocab_parallel import VocabParallelStats, _resolve_group, finish_stats, grad_coefficients
 
 # Default tile: DEFAULT_TOKEN_BLOCK tokens x DEFAULT_VOCAB_BLOCK vocabulary columns, 4 MB per
 # float32 buffer (1-3 of them, plus one tile in the matmul dtype). Fastest of the sizes tried on
@@ -159,29 +159,10 @@ def _forward(h, w, hq, wq, target, cfg: _Cfg):
     else:
         parts = _rescale(m, s, dz, big_m)
     parts = [parts[0], torch.where(owned, zy - big_m, 0.0), owned.to(_F64)] + parts[1:]
-    tot = torch.stack(parts)
-    if cfg.group is not None:
-        dist.all_reduce(tot, op=dist.ReduceOp.SUM, group=cfg.group)
-    lost = valid & (tot[2] != 1)
-    if bool(lost.any()):
-        raise ValueError(
-            f"target ids {target[lost][:5].tolist()} are not owned by exactly one vocab shard "
-            f"(weight shard of {w.shape[0]} rows, {cfg.world} rank(s)): targets must lie in "
-            f"[0, vocab_size) or equal ignore_index ({cfg.ignore_index}); pass "
-            f"vocab_start_index when rank r does not hold rows [r*Vp, (r+1)*Vp)")
-    zero = torch.zeros((), **f64)
-    log_sigma = torch.log(tot[0])
-    lse = big_m + log_sigma
-    logp = torch.where(valid, tot[1] - log_sigma, zero)
-    ent = kl = lse_q = None
-    if want_dot:
-        ez = tot[3] / tot[0]  # E_pi[z/T] - M
-        if cfg.want_h:
-            ent = torch.where(valid, log_sigma - ez, zero)
-        if has_ref:
-            log_sigma_q = torch.log(tot[4])
-            lse_q = mx[1] + log_sigma_q
-            kl = torch.where(valid, ez - tot[5] / tot[0] - log_sigma + log_sigma_q, zero)
+    logp, ent, kl, lse, lse_q = finish_stats(parts, mx, valid, target, group=cfg.group, world=cfg.world,
+                                             ignore_index=cfg.ignore_index, want_h=cfg.want_h,
+                                             want_dot=want_dot, has_ref=has_ref,
+                                             shard=f"weight shard of {w.shape[0]} rows")
     outs = tuple(None if t is None else t.to(cdt, copy=True) for t in (logp, ent, kl))
     return outs, (lse, lse_q, ent, kl, valid, owned, local)
 

@@ -156,33 +156,48 @@ def _forward(z, w, target, cfg: _Cfg):
         relq = torch.where(s > 0, mq - big_mq, 0.0)
         parts.append(torch.exp(mq - big_mq) * st["sq"])
         parts.append(alpha * (st["dw"] + relq * s))  # sum_v e^{z/T - M} (z_ref/T - M_ref)
-    tot = torch.stack(parts)
-    if cfg.group is not None:
-        dist.all_reduce(tot, op=dist.ReduceOp.SUM, group=cfg.group)
-    lost = valid & (tot[2] != 1)
-    if bool(lost.any()):
-        raise ValueError(
-            f"target ids {target[lost][:5].tolist()} are not owned by exactly one vocab shard "
-            f"(shard size {vp}, {cfg.world} rank(s)): targets must lie in [0, vocab_size) or "
-            f"equal ignore_index ({cfg.ignore_index}); pass vocab_start_index when rank r does "
-            f"not hold [r*Vp, (r+1)*Vp)")
-    zero = torch.zeros((), dtype=_F64, device=z.device)
-    log_sigma = torch.log(tot[0])
-    lse = big_m + log_sigma
-    logp = torch.where(valid, tot[1] - log_sigma, zero)
-    ent = kl = lse_q = None
-    if want_dot:
-        ez = tot[3] / tot[0]  # E_pi[z/T] - M
-        if cfg.want_h:
-            ent = torch.where(valid, log_sigma - ez, zero)
-        if w is not None:
-            log_sigma_q = torch.log(tot[4])
-            lse_q = mx[1] + log_sigma_q
-            kl = torch.where(valid, ez - tot[5] / tot[0] - log_sigma + log_sigma_q, zero)
+    logp, ent, kl, lse, lse_q = finish_stats(parts, mx, valid, target, group=cfg.group, world=cfg.world,
+                                             ignore_index=cfg.ignore_index, want_h=cfg.want_h,
+                                             want_dot=want_dot, has_ref=w is not None, shard=f"shard size {vp}")
     odt = _compute_dtype(z)
     # Copies (also for float64): the float64 state must not alias what the caller receives.
     outs = tuple(None if t is None else t.to(odt, copy=True) for t in (logp, ent, kl))
     return outs, (lse, lse_q, ent, kl, valid, owned, local)
+
+
+def finish_stats(parts: list, mx: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, *, group, world: int,
+                 ignore_index: int, want_h: bool, want_dot: bool, has_ref: bool, shard: str):
+    """The one SUM all-reduce of the rescaled per-shard partial sums and the statistics made from
+    them, shared by this op and the hidden-state op (ops/fused_output.py), which differ only in
+    how the partial sums are gathered. `parts` (float64, [N] each, rescaled to the global maxima
+    `mx`): sum e^{z/T-M}, z_y/T - M on the owning shard, the ownership count, then (want_dot)
+    sum e^{z/T-M}(z/T-M) and (has_ref) the reference's sum e^{z_ref/T-M_ref} and
+    sum e^{z/T-M}(z_ref/T-M_ref). Returns (log-prob, entropy, KL, lse, lse_ref) in float64; a
+    target owned by no shard or by several is a ValueError naming it (`shard` describes the shards)."""
+    tot = torch.stack(parts)
+    if group is not None:
+        dist.all_reduce(tot, op=dist.ReduceOp.SUM, group=group)
+    lost = valid & (tot[2] != 1)
+    if bool(lost.any()):
+        raise ValueError(
+            f"target ids {target[lost][:5].tolist()} are not owned by exactly one vocab shard "
+            f"({shard}, {world} rank(s)): targets must lie in [0, vocab_size) or "
+            f"equal ignore_index ({ignore_index}); pass vocab_start_index when rank r does "
+            f"not hold [r*Vp, (r+1)*Vp)")
+    zero = torch.zeros((), dtype=_F64, device=tot.device)
+    log_sigma = torch.log(tot[0])
+    lse = mx[0] + log_sigma
+    logp = torch.where(valid, tot[1] - log_sigma, zero)
+    ent = kl = lse_q = None
+    if want_dot:
+        ez = tot[3] / tot[0]  # E_pi[z/T] - M
+        if want_h:
+            ent = torch.where(valid, log_sigma - ez, zero)
+        if has_ref:
+            log_sigma_q = torch.log(tot[4])
+            lse_q = mx[1] + log_sigma_q
+            kl = torch.where(valid, ez - tot[5] / tot[0] - log_sigma + log_sigma_q, zero)
+    return logp, ent, kl, lse, lse_q
 
 
 def grad_coefficients(state, g_lp, g_h, g_kl, inv_t: float, cdt: torch.dtype):
