@@ -1,12 +1,10 @@
 """Eval harness: pass@k against subset enumeration, the metrics table on a fake model, the
 responses-file and --model paths of agro-eval."""
-import itertools
 import json
 import math
 import os
 import sys
 import types
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from agro_megatron import eval as harness
 from agro_megatron.cli.eval import main
 from agro_megatron.data import Problem, build_tiny_tokenizer, format_prompt, load_problems
-from agro_megatron.eval import evaluate, load_responses, pass_at_k, score_responses
+from agro_megatron.eval import evaluate, load_responses, score_responses
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -26,26 +24,6 @@ def exact_match_score(responses, truths):
         tail = r.rsplit("The final answer is", 1)
         out.append(float(len(tail) == 2 and tail[1].strip().rstrip(".") == t))
     return out
-
-
-def test_pass_at_k_matches_subset_enumeration():
-    for n in range(1, 9):
-        for c in range(n + 1):
-            outcomes = [True] * c + [False] * (n - c)
-            for k in range(1, n + 1):
-                subsets = list(itertools.combinations(outcomes, k))
-                brute = Fraction(sum(any(s) for s in subsets), len(subsets))
-                assert pass_at_k(n, c, k) == pytest.approx(float(brute), abs=1e-12), (n, c, k)
-
-
-def test_pass_at_k_is_stable_for_large_n():
-    for n, c, k in [(1000, 3, 100), (2000, 1000, 500), (500, 0, 10), (64, 63, 64)]:
-        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 5, 1)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
 
 
 def _problems():
