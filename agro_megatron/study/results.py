@@ -17,11 +17,12 @@ import os
 from dataclasses import dataclass, field
 
 from agro_megatron.study.cells import read_status
+from agro_megatron.train.metrics import KL, SAMPLED_KL
 
-KL_KEY = "train/kl_full_vocab"   # the KL plotted by train/metrics.py: >= 0 in every regime
-# Runs with train.logprobs=engine do not measure the full-vocabulary KL; their on-policy batches'
-# sampled log-ratio (its unbiased estimate) stands in for it, as in train/metrics.py's plots.
-SAMPLED_KL_KEY = "train/kl"
+# The KL the trainer logs and plots (train/metrics.py names them): the full-vocabulary one, >= 0 in
+# every regime; runs with train.logprobs=engine do not measure it, and their on-policy batches'
+# sampled log-ratio (its unbiased estimate) stands in for it, as in the trainer's own plots.
+KL_KEY, SAMPLED_KL_KEY = KL, SAMPLED_KL
 END_WINDOW = 5                   # "KL at the end": the mean over the last steps (one step is noisy)
 
 
