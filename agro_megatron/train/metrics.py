@@ -157,8 +157,8 @@ def phase_table(history: list[dict]) -> list[tuple[str, float, float]]:
     return [(phase, med[phase], med[phase] / total) for phase in PHASES if phase in med]
 
 
-def format_phase_table(history: list[dict]) -> str:
-    rows = phase_table(history)
+def format_phase_table(rows: list[tuple[str, float, float]]) -> str:
+    """phase_table's rows as the text table a run prints at its end."""
     if not rows:
         return ""
     lines = ["phase        s/step   share", *(f"{p:<11} {s:7.3f}  {share:6.1%}" for p, s, share in rows)]

@@ -243,10 +243,11 @@ def _train_and_evaluate(run: RunContext, parts: Training) -> dict:
     if layout.is_logging_rank:
         from agro_megatron.train.metrics import format_phase_table, phase_table
 
-        result["phases"] = {phase: seconds for phase, seconds, _ in phase_table(trainer.metrics.history)}
-        if result["phases"]:
+        phases = phase_table(trainer.metrics.history)
+        result["phases"] = {phase: seconds for phase, seconds, _ in phases}
+        if phases:
             print("where a step's time went (median per step; checkpoint: total / steps)\n"
-                  + format_phase_table(trainer.metrics.history), flush=True)
+                  + format_phase_table(phases), flush=True)
         if cfg.logging.plots:
             result["plot"] = trainer.metrics.plot(os.path.join(run.log_dir, "training.png"))
         save_json(os.path.join(run.log_dir, "result.json"), result)
