@@ -28,6 +28,7 @@ from agro_megatron.study import stats
 from agro_megatron.study.cells import DONE
 from agro_megatron.study.compute import cell_params, cumulative_compute
 from agro_megatron.study.results import KL_KEY, CellResult, read_study
+from agro_megatron.study.workers import parallel_map
 
 N_BOOT = 200       # bootstrap replicates of the compute fit (a 3-seed study has only 10 distinct ones)
 BOOT_SEED = 0
@@ -43,23 +44,7 @@ class ReportInputs:
     out_dir: str | None = None
     plots: bool = True
     n_boot: int = N_BOOT             # bootstrap replicates of each compute fit
-    workers: int | None = None       # processes for the fits (None: one per CPU; 1: in this process)
-
-
-def _map(fn, jobs: list, workers: int | None) -> list:
-    """fn over jobs, in worker processes when there are enough jobs to pay for them.
-
-    The compute fits dominate a large report (each group's bootstrap refits the curve up to n_boot
-    times); they are independent, so they spread over the CPUs."""
-    workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(jobs) < 8:
-        return [fn(j) for j in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    workers: int | None = None       # processes for reading, fits and figures (None: one per CPU; 1: here)
 
 
 def _ci(values) -> dict:
@@ -165,7 +150,7 @@ def _compute_fit(job: tuple | None) -> dict:
 def build_report(inp: ReportInputs) -> dict:
     """The report as a dict (what results.json holds)."""
     t0 = time.perf_counter()
-    all_results = read_study(inp.study_dir)
+    all_results = read_study(inp.study_dir, inp.workers)
     by_id = {r.id: r for r in all_results}
     done = [r for r in all_results if r.state == DONE and r.finished]
     missing = []
@@ -206,7 +191,7 @@ def build_report(inp: ReportInputs) -> dict:
         curves = _compute_curves(results, params)
         fit_jobs.append((len(rows), None if curves is None else (*curves, inp.n_boot)))
         rows.append(row)
-    for (i, _), fit in zip(fit_jobs, _map(_compute_fit, [j for _, j in fit_jobs], inp.workers)):
+    for (i, _), fit in zip(fit_jobs, parallel_map(_compute_fit, [j for _, j in fit_jobs], inp.workers)):
         rows[i]["compute_fit"] = fit
     _add_paired(rows, groups, inp.baseline)
     size_fits = _size_fits(rows)
@@ -263,7 +248,7 @@ def write_report(inp: ReportInputs) -> dict:
     report = build_report(inp)
     out = inp.out_dir or os.path.join(inp.study_dir, "report")
     os.makedirs(out, exist_ok=True)
-    report["plots"] = _plots(report, out) if inp.plots else []
+    report["plots"] = _plots(report, out, inp.workers) if inp.plots else []
     _atomic(os.path.join(out, "results.json"), json.dumps(report, indent=1, default=str))
     _write_csv(report, os.path.join(out, "results.csv"))
     _atomic(os.path.join(out, "report.md"), render_markdown(report))
@@ -419,30 +404,99 @@ def _band(per_seed: list[list[tuple[float, float]]]):
     return xs, means, lows, highs
 
 
-def _plots(report: dict, out: str) -> list[str]:
+def _plots(report: dict, out: str, workers: int | None = None) -> list[str]:
+    """Draw the report's figures into ``out``; returns the paths written.
+
+    Each figure is independent, and over a large study each costs about a second of drawing, so
+    they are drawn in parallel (`parallel_map`) once the study has many groups."""
+    rows = [r for r in report["groups"] if r.get("seeds_done")]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (once here, not in every forked worker)
+
+    jobs = [(fig, rows, report.get("size_fits") or {}, out) for fig in FIGURES]
+    paths = parallel_map(_draw, jobs, workers if len(rows) >= PARALLEL_FIGURES_FROM else 1, min_jobs=2)
+    return [p for p in paths if p]
+
+
+PARALLEL_FIGURES_FROM = 16  # groups; below that the figures draw faster than a worker pool starts
+
+
+def _draw(job: tuple) -> str | None:
+    name, rows, size_fits, out = job
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["groups"] if r.get("seeds_done")]
-    if not rows:
-        return []
-    paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(7, 5) if name == "size_fit" else (8, 5))
+    handles = FIGURES[name](ax, rows, size_fits)
+    if handles is None:
+        plt.close(fig)
+        return None
+    if handles and len(handles) <= MAX_LEGEND:  # beyond that a legend hides the plot; results.csv names the groups
+        ax.legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, f"{name}.png", plt)
+
+
+def _color(i: int) -> str:
+    import matplotlib
+
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cycle[i % len(cycle)]
+
+
+def _curves(ax, curves: list[tuple[str, list, list, list | None, list | None]], marker: bool = True) -> list:
+    """Draw ``(label, xs, mean, low, high)`` curves, each in its own colour with its band.
+
+    All curves go into three artists (one polygon collection for the bands, one line collection,
+    one scatter for the markers) rather than two or three artists per curve: with hundreds of
+    groups, matplotlib's per-artist cost (autoscaling on every ``fill_between``) was most of a
+    report's time. Returns legend proxies, one per curve."""
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.lines import Line2D
+
+    bands, lines, colors, band_colors, px, py, pc, handles = [], [], [], [], [], [], [], []
+    for i, (label, xs, mean, lo, hi) in enumerate(curves):
+        color = _color(i)
+        lines.append(list(zip(xs, mean)))
+        colors.append(color)
+        if lo is not None and len(xs) > 1:
+            bands.append(list(zip(xs, lo)) + list(zip(reversed(xs), reversed(hi))))
+            band_colors.append(color)
+        if marker:
+            px += list(xs)
+            py += list(mean)
+            pc += [color] * len(xs)
+        handles.append(Line2D([], [], color=color, marker="o" if marker else None, ms=3, label=label))
+    if bands:
+        ax.add_collection(PolyCollection(bands, facecolors=band_colors, edgecolors="none", alpha=0.2))
+    ax.add_collection(LineCollection(lines, colors=colors, linewidths=1.5))
+    if px:
+        ax.scatter(px, py, s=9, c=pc, zorder=3)
+    ax.autoscale_view()
+    return handles
+
+
+def _accuracy_vs_step_figure(ax, rows: list[dict], size_fits: dict) -> list | None:
+    curves = []
     for row in rows:
         xs, m, lo, hi = _band([c["evals"] for c in row["per_cell"] if c["evals"]])
         if xs:
-            line, = ax.plot(xs, m, "o-", ms=3, label=row["group"])
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+            curves.append((row["group"], xs, m, lo, hi))
+    handles = _curves(ax, curves)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("held-out accuracy vs step (mean, 95% band over seeds)")
-    _legend(ax, len(rows))
-    fig.tight_layout()
-    paths.append(_save(fig, out, "accuracy_vs_step.png", plt))
+    return handles
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+
+def _accuracy_vs_kl_figure(ax, rows: list[dict], size_fits: dict) -> list | None:
+    out = []
     for row in rows:
         curves = [c["accuracy_vs_kl"] for c in row["per_cell"] if c["accuracy_vs_kl"][0]]
         if not curves:
@@ -454,61 +508,64 @@ def _plots(report: dict, out: str) -> list[str]:
         accs = [[c[1][i] for c in curves] for i in range(n)]
         mk = [sum(k) / len(k) for k in kls]
         band = [stats.mean_ci(a) if len(a) > 1 else (a[0], a[0], a[0]) for a in accs]
-        line, = ax.plot(mk, [b[0] for b in band], "o-", ms=3, label=row["group"])
-        ax.fill_between(mk, [b[1] if math.isfinite(b[1]) else b[0] for b in band],
-                        [b[2] if math.isfinite(b[2]) else b[0] for b in band], color=line.get_color(), alpha=0.2)
+        out.append((row["group"], mk, [b[0] for b in band], [b[1] if math.isfinite(b[1]) else b[0] for b in band],
+                    [b[2] if math.isfinite(b[2]) else b[0] for b in band]))
+    handles = _curves(ax, out)
     ax.set_xlabel("KL(pi || pi_ref) per sequence (full vocabulary), mean since the previous evaluation")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("held-out accuracy vs KL (mean, 95% band over seeds)")
-    _legend(ax, len(rows))
-    fig.tight_layout()
-    paths.append(_save(fig, out, "accuracy_vs_kl.png", plt))
+    return handles
+
+
+def _compute_fit_figure(ax, rows: list[dict], size_fits: dict) -> list | None:
+    import numpy as np
+    from matplotlib.lines import Line2D
 
     fits = [r for r in rows if (r.get("compute_fit") or {}).get("curves")]
-    if fits:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for row in fits:
-            fit = row["compute_fit"]
-            cs = [x for c in fit["curves"] for x in c["compute"]]
-            acc = [x for c in fit["curves"] for x in c["accuracy"]]
-            pts = ax.plot(cs, acc, ".", alpha=0.5, label=row["group"])
-            if "A" in fit and fit["A"][0] is not None:
-                import numpy as np
-
-                grid = np.geomspace(min(cs), max(cs) * 4, 100)
-                y = stats.sigmoid_curve(grid, fit["A"][0], fit["B"][0], fit["C_mid"][0], fit["r0"])
-                ax.plot(grid, y, "-", color=pts[0].get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("compute C (training + generation FLOPs)")
-        ax.set_ylabel("held-out accuracy")
-        ax.set_title("compute fits (points: evaluations of every seed; line: fit; beyond the data: extrapolation)")
-        _legend(ax, len(rows))
-        fig.tight_layout()
-        paths.append(_save(fig, out, "compute_fit.png", plt))
-
-    if report.get("size_fits"):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for arm, s in report["size_fits"].items():
-            pts = ax.plot(s["params"], s["values"], "o", alpha=0.6, label=arm)
-            fit = s.get("fit")
-            if fit:
-                import numpy as np
-
-                grid = np.geomspace(min(s["sizes"]), max(s["sizes"]), 50)
-                ax.plot(grid, stats.size_curve(grid, fit["slope"], fit["intercept"]), "-", color=pts[0].get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("final held-out accuracy")
-        ax.set_title("size axis")
-        _legend(ax, len(rows))
-        fig.tight_layout()
-        paths.append(_save(fig, out, "size_fit.png", plt))
-    return paths
+    px, py, pc, lines, handles = [], [], [], [], []
+    for i, row in enumerate(fits):
+        fit, color = row["compute_fit"], _color(i)
+        cs = [x for c in fit["curves"] for x in c["compute"]]
+        acc = [x for c in fit["curves"] for x in c["accuracy"]]
+        px += cs
+        py += acc
+        pc += [color] * len(cs)
+        if "A" in fit and fit["A"][0] is not None:
+            grid = np.geomspace(min(cs), max(cs) * 4, 100)
+            y = stats.sigmoid_curve(grid, fit["A"][0], fit["B"][0], fit["C_mid"][0], fit["r0"])
+            lines.append((row["group"], list(grid), list(y), None, None))
+        handles.append(Line2D([], [], color=color, marker=".", label=row["group"]))
+    ax.set_xscale("log")
+    if px:
+        ax.scatter(px, py, s=12, c=pc, alpha=0.5)
+    if lines:  # fit lines keep their group's colour: _curves colours by position, so pad with empties
+        by_group = {label: (x, y) for label, x, y, _, _ in lines}
+        _curves(ax, [(r["group"], *by_group.get(r["group"], ([], [])), None, None) for r in fits], marker=False)
+    ax.set_xlabel("compute C (training + generation FLOPs)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("compute fits (points: evaluations of every seed; line: fit; beyond the data: extrapolation)")
+    return handles if fits else None
 
 
-def _legend(ax, n: int) -> None:
-    if n <= MAX_LEGEND:  # beyond that a legend hides the plot; results.csv names the groups
-        ax.legend(fontsize=7)
+def _size_fit_figure(ax, rows: list[dict], size_fits: dict) -> list | None:
+    import numpy as np
+
+    for arm, s in size_fits.items():
+        pts = ax.plot(s["params"], s["values"], "o", alpha=0.6, label=arm)
+        fit = s.get("fit")
+        if fit:
+            grid = np.geomspace(min(s["sizes"]), max(s["sizes"]), 50)
+            ax.plot(grid, stats.size_curve(grid, fit["slope"], fit["intercept"]), "-", color=pts[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("final held-out accuracy")
+    ax.set_title("size axis")
+    return ax.get_legend_handles_labels()[0] if size_fits else None
+
+
+# name -> draws it on an axis and returns its legend handles (None: nothing to draw); the PNG is <name>.png
+FIGURES = {"accuracy_vs_step": _accuracy_vs_step_figure, "accuracy_vs_kl": _accuracy_vs_kl_figure,
+           "compute_fit": _compute_fit_figure, "size_fit": _size_fit_figure}
 
 
 MAX_LEGEND = 24

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from agro_megatron.study.cells import read_status
+from agro_megatron.study.workers import parallel_map
 from agro_megatron.train.metrics import KL, SAMPLED_KL
 
 # The KL the trainer logs and plots (train/metrics.py names them): the full-vocabulary one, >= 0 in
@@ -122,11 +123,11 @@ def _read_metrics(path: str, res: CellResult) -> None:
     res.evals, res.kl, res.response_length = sorted(evals.items()), sorted(kl.items()), sorted(length.items())
 
 
-def read_study(study_dir: str) -> list[CellResult]:
-    """Every cell directory under <study_dir>/cells, in a stable order."""
-    out = []
-    for d in sorted(glob.glob(os.path.join(study_dir, "cells", "*"))):
-        r = read_cell(d)
-        if r is not None:
-            out.append(r)
-    return out
+def read_study(study_dir: str, workers: int | None = 1) -> list[CellResult]:
+    """Every cell directory under <study_dir>/cells, in a stable order.
+
+    ``workers``: processes to parse the cells in (None: one per CPU); parsing each cell's metrics
+    log is most of a large report's reading time, and the cells are independent.
+    """
+    dirs = sorted(glob.glob(os.path.join(study_dir, "cells", "*")))
+    return [r for r in parallel_map(read_cell, dirs, workers, min_jobs=64) if r is not None]

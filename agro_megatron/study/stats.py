@@ -27,6 +27,7 @@ scipy is imported inside the functions that use it, so `agro_megatron.eval` (whi
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -133,10 +134,17 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     mean = float(np.mean(x))
     if x.size == 1:
         return mean, math.nan, math.nan
+    half = _t_quantile(0.5 + level / 2, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(q: float, df: int) -> float:
+    """Student-t quantile, cached: a report asks for the same few (level, seeds) thousands of times,
+    and each scipy call costs far more than the interval around it."""
     from scipy import stats as sp_stats
 
-    half = float(sp_stats.t.ppf(0.5 + level / 2, x.size - 1)) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
+    return float(sp_stats.t.ppf(q, df))
 
 
 def _paired(a, b) -> np.ndarray:
@@ -244,7 +252,9 @@ def _fit_arrays(c: np.ndarray, y: np.ndarray, r0: float, a_max: float, start: di
     ``b = B * s`` and ``m = (ln C_mid - mu) / s``: ln C is ~40 for FLOPs, and on that scale the
     three parameters differ by orders of magnitude in their effect, which conditions the problem
     badly. One local fit from the best point of a grid (`_grid_start`), or from ``start`` (the
-    point fit, for bootstrap replicates), with the analytic Jacobian keeps a fit to milliseconds.
+    point fit, for bootstrap replicates), with the analytic Jacobian keeps a fit to milliseconds;
+    MINPACK's unbounded Levenberg-Marquardt is tried first and kept when its minimum lies inside
+    the bounds (most fits: about 3x faster than the bounded solver, same answer to 1e-5).
     `scipy.optimize.least_squares` rather than its wrapper `curve_fit`: on an unidentified ridge
     the fit can run out of evaluations, and `curve_fit` then raises and drops the iterate, which
     the report still needs to show as "not converged, not identified".
@@ -271,16 +281,28 @@ def _fit_arrays(c: np.ndarray, y: np.ndarray, r0: float, a_max: float, start: di
         p0 = np.array([start["A"], start["B"] * s, (math.log(start["C_mid"]) - mu) / s])
     else:
         p0 = _grid_start(u, y, r0, lower, upper)
+    p0 = np.clip(p0, lower + margin, upper - margin)
     out = {"r0": float(r0), "n": int(c.size), "max_compute": float(c.max())}
+    tol = _AT_BOUND_RTOL * (upper - lower)
     try:
-        fit = least_squares(residual, np.clip(p0, lower + margin, upper - margin), jac=jac, bounds=(lower, upper),
-                            method="trf", ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=_MAX_NFEV)
+        fit = None
+        if c.size >= 3:
+            # Fast path: MINPACK's Levenberg-Marquardt (compiled, a fraction of a millisecond) without
+            # bounds. A minimum it finds strictly inside the box (clear of every bound by the at-bound
+            # tolerance) is a stationary point of the bounded problem too, so it is kept; anything
+            # else (a bound, a ridge crawl, no convergence) is refitted by the bounded TRF solver.
+            lm = least_squares(residual, p0, jac=jac, method="lm", ftol=1e-10, xtol=1e-10, gtol=1e-10,
+                               max_nfev=_MAX_NFEV)
+            if lm.status > 0 and np.all(np.isfinite(lm.x)) and np.all(lm.x - lower > tol) and np.all(upper - lm.x > tol):
+                fit = lm
+        if fit is None:
+            fit = least_squares(residual, p0, jac=jac, bounds=(lower, upper), method="trf", ftol=1e-10,
+                                xtol=1e-10, gtol=1e-10, max_nfev=_MAX_NFEV)
     except ValueError as err:  # e.g. non-finite residuals
         return {**out, "A": math.nan, "B": math.nan, "C_mid": math.nan, "identified": False, "converged": False,
                 "A_se": math.nan, "rmse": math.nan, "at_bound": [], "note": f"A not identified: the fit failed ({err})"}
     A, b, m = (float(v) for v in fit.x)
     sse = 2.0 * float(fit.cost)
-    tol = _AT_BOUND_RTOL * (upper - lower)
     at_bound = [f"{name}={'lower' if p - lo <= t else 'upper'}"
                 for name, p, lo, hi, t in zip(("A", "B", "C_mid"), (A, b, m), lower, upper, tol)
                 if p - lo <= t or hi - p <= t]
