@@ -172,3 +172,49 @@ def test_on_policy_and_offline(tmp_path):
 def test_unknown_regime_is_refused():
     with pytest.raises(ValueError, match="algorithm.regime"):
         _source("sometimes", Policy(0.0))
+
+
+@pytest.mark.parametrize("problems,per_step,n,capacity,dp,steps", [
+    (6, 2, 2, 16, 1, 12),     # the buffer holds every prompt: everything after epoch 1 can replay
+    (40, 4, 4, 16, 1, 30),    # holds 4 prompts of 40, prompts return once an epoch: almost nothing
+    (40, 4, 4, 120, 1, 30),   # holds 30 of 40
+    (12, 4, 2, 100, 2, 20),   # DP=2: rank 0 sees a prompt again 1 time in 2
+])
+def test_replay_reach_is_the_replayed_share_at_p_1(problems, per_step, n, capacity, dp, steps):
+    """replay_reach (a simulation of the prompt order and the buffer's eviction) against the real
+    ReplaySource at replay_p=1, where every sample whose prompt has stored responses is swapped."""
+    from agro_megatron.sources.replay import replay_reach
+
+    engine = RecordingEngine(Policy(0.0))
+    prompts = PromptStream([Problem(f"p{i}", str(i % 7)) for i in range(problems)], lambda p: [0, int(p.answer) + 3],
+                           per_step, seed=5, dp_rank=0, dp_size=dp)
+    rollouts = RolloutGenerator(engine, lambda texts, golds: [0.0] * len(texts), Tok(), lambda seed: None, n, seed=5)
+    src = ReplaySource(OnPolicySource(prompts, rollouts), capacity=capacity, p=1.0, seed=5)
+    replayed = total = 0
+    for step in range(steps):
+        flags = src.next_batch(step, {}).on_policy
+        replayed += int((~flags).sum())
+        total += flags.numel()
+    assert total > 0
+    assert replay_reach(problems, per_step, steps, 5, dp, n, capacity) == pytest.approx(replayed / total, abs=1e-12)
+
+
+def test_replay_that_cannot_happen_is_announced_before_step_1():
+    """The README demo's prompts with the default buffer: a prompt returns once an epoch (25 steps)
+    while 512 samples hold a few steps' responses, so replay_p=0.9 would replay ~1%: the run says so,
+    with the capacity that fixes it; with that capacity it says nothing."""
+    notices = []
+
+    def build(capacity):
+        engine = RecordingEngine(Policy(0.0))
+        prompts = PromptStream([Problem(f"p{i}", "1") for i in range(400)], lambda p: [0, 4], 16, seed=1234)
+        rollouts = RolloutGenerator(engine, lambda t, g: [0.0] * len(t), Tok(), lambda seed: None, 8, seed=1)
+        return make_sample_source(Algo("replay", replay_p=0.9, replay_capacity=capacity), prompts=prompts,
+                                  rollouts=rollouts, policy=Policy(0.0), build_behaviour_model=lambda: Policy(0.0),
+                                  progress=None, total_steps=60, notice=notices.append)
+
+    build(512)
+    assert len(notices) == 1 and "algorithm.replay_capacity=6400" in notices[0], notices
+    assert "replay only about" in notices[0] and "not 90%" in notices[0]
+    build(6400)
+    assert len(notices) == 1, notices

@@ -470,6 +470,23 @@ def test_report_with_nothing_finished_lists_everything_missing(tmp_path):
     assert rep["groups"] == [{"group": "a", "seeds_done": 0, "seeds_expected": 2}]
 
 
+def test_report_never_pools_cells_the_spec_no_longer_asks_for(tmp_path):
+    """An arm's overrides changed between runs: its old cells (other ids, same group name) are still
+    on disk and DONE. The report aggregates only the spec's cells, and lists the old ones."""
+    study = tmp_path / "st"
+    problems = [("p0", 4, 2), ("p1", 4, 3)]
+    for cid, seed, acc in (("new1", 1, 0.6), ("new2", 2, 0.8)):
+        make_cell(study, cid, "a", seed, evals=[(0, 0.1), (2, acc)], kl=[0.1, 0.2], problems=problems)
+    make_cell(study, "old1", "a", 1, evals=[(0, 0.1), (2, 0.0)], kl=[0.1, 0.2], problems=problems)
+    expected = [{"id": "new1", "group": "a", "seed": 1}, {"id": "new2", "group": "a", "seed": 2}]
+    rep = write_report(ReportInputs(str(study), None, expected, plots=False))
+    (row,) = rep["groups"]
+    assert row["seeds_done"] == 2 and [c["id"] for c in row["per_cell"]] == ["new1", "new2"]
+    assert row["final_accuracy"]["mean"] == pytest.approx(0.7)
+    assert rep["not_in_spec"] == [{"id": "old1", "group": "a", "seed": 1, "state": "DONE"}]
+    assert "old1" in (study / "report" / "report.md").read_text()
+
+
 # -------------------------------------------------------------------------------------------- slurm
 def test_slurm_arrays_split_at_max_array_size_and_the_report_depends_on_all(tmp_path, monkeypatch):
     spec = load_spec(spec_file(tmp_path, """

@@ -210,6 +210,9 @@ def cmd_report(args) -> int:
         print(f"  missing: {m['id']} {m['group']} seed={m['seed']} ({m['state']})")
     if len(report["missing"]) > 20:
         print(f"  ... and {len(report['missing']) - 20} more (report.md lists all)")
+    if report.get("not_in_spec"):
+        print(f"  {len(report['not_in_spec'])} cell(s) on disk are not in the spec (an earlier version of it): "
+              "listed in report.md, not aggregated")
     return 0
 
 

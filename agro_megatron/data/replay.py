@@ -25,7 +25,9 @@ class Sample:
 class ReplayBuffer:
     """At most `capacity` samples in total, at most `per_prompt` per prompt; oldest prompts evicted."""
 
-    def __init__(self, capacity: int, per_prompt: int = 16):
+    DEFAULT_PER_PROMPT = 16
+
+    def __init__(self, capacity: int, per_prompt: int = DEFAULT_PER_PROMPT):
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
         self.capacity = capacity

@@ -27,10 +27,13 @@ def source_class(algorithm):
 
 def make_sample_source(algorithm, *, prompts: PromptStream, rollouts: RolloutGenerator,
                        policy: torch.nn.Module, build_behaviour_model: Callable[[], torch.nn.Module],
-                       progress: Callable) -> SampleSource:
+                       progress: Callable, total_steps: int = 0,
+                       notice: Callable[[str], None] | None = None) -> SampleSource:
     """`policy`: the bare policy module now (version 0); `build_behaviour_model()`: a fresh model of
     the policy's shape (the stale regime's snapshots live in it); `progress(total, desc=)`: a
-    progress bar (generating offline data)."""
+    progress bar (generating offline data); `total_steps`: the run's RL steps, and `notice(text)`:
+    where a source reports, before step 1, that the run will not do what its config asks (e.g.
+    replay that cannot happen)."""
     return source_class(algorithm).from_config(
         algorithm, fresh=OnPolicySource(prompts, rollouts), policy=policy,
-        build_behaviour_model=build_behaviour_model, progress=progress)
+        build_behaviour_model=build_behaviour_model, progress=progress, total_steps=total_steps, notice=notice)

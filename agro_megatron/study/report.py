@@ -152,9 +152,15 @@ def build_report(inp: ReportInputs) -> dict:
     t0 = time.perf_counter()
     all_results = read_study(inp.study_dir, inp.workers)
     by_id = {r.id: r for r in all_results}
-    done = [r for r in all_results if r.state == DONE and r.finished]
-    missing = []
     expected = inp.expected or [{"id": r.id, "group": r.group, "seed": r.seed} for r in all_results]
+    # Cells the spec no longer asks for (an arm whose overrides changed gets new cell ids; the old
+    # cells stay on disk) share group names with the new ones: counting them would pool two
+    # configs as one group's seeds. They are listed, never aggregated.
+    wanted = {e["id"] for e in expected}
+    outside = [{"id": r.id, "group": r.group, "seed": r.seed, "state": r.state} for r in all_results
+               if r.id not in wanted]
+    done = [r for r in all_results if r.id in wanted and r.state == DONE and r.finished]
+    missing = []
     for e in expected:
         r = by_id.get(e["id"])
         if r is None:
@@ -196,7 +202,8 @@ def build_report(inp: ReportInputs) -> dict:
     _add_paired(rows, groups, inp.baseline)
     size_fits = _size_fits(rows)
     return {"study_dir": os.path.abspath(inp.study_dir), "baseline": inp.baseline, "cells_total": len(expected),
-            "cells_done": len(done), "missing": missing, "groups": rows, "size_fits": size_fits,
+            "cells_done": len(done), "missing": missing, "not_in_spec": outside, "groups": rows,
+            "size_fits": size_fits,
             "report_s": time.perf_counter() - t0}
 
 
@@ -376,6 +383,12 @@ def render_markdown(report: dict) -> str:
         L += [f"| {m['id']} | {m['group']} | {m['seed']} | {m['state']} |" for m in report["missing"]]
     else:
         L.append("none")
+    if report.get("not_in_spec"):
+        L += ["", f"## Cells not in the spec ({len(report['not_in_spec'])}): on disk, not aggregated", "",
+              "Left by an earlier version of the spec (their configs differ from every cell it asks for now); "
+              "delete their directories under cells/ when they are no longer wanted.", "",
+              "| cell | group | seed | state |", "|---|---|---|---|"]
+        L += [f"| {m['id']} | {m['group']} | {m['seed']} | {m['state']} |" for m in report["not_in_spec"]]
     return "\n".join(L) + "\n"
 
 

@@ -183,7 +183,7 @@ def build_training(run: RunContext, sft_path: str | None) -> Training:
                                 cfg.train.seed, layout.dp_rank, layout.cp_rank, layout.cp)
     source = make_sample_source(cfg.algorithm, prompts=prompts, rollouts=rollouts, policy=bundle.module,
                                 build_behaviour_model=lambda: build_model(run.arch, dtype=cfg.model.dtype),
-                                progress=run.progress)
+                                progress=run.progress, total_steps=cfg.train.steps, notice=run.print)
     objective = Objective(cfg.algorithm, temperature=cfg.rollout.temperature, vocab_size=run.arch.vocab_size)
     return Training(bundle, engine, objective, source, Evaluator(run, engine))
 
