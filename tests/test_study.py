@@ -487,6 +487,23 @@ def test_report_never_pools_cells_the_spec_no_longer_asks_for(tmp_path):
     assert "old1" in (study / "report" / "report.md").read_text()
 
 
+def test_report_draws_every_figure_when_a_group_has_no_compute_fit(tmp_path):
+    """One group with enough evaluations to fit, one with too few (no fit, no line): the figures
+    are still drawn, with both groups' points."""
+    study = tmp_path / "st"
+    problems = [("p0", 4, 2), ("p1", 4, 3)]
+    for seed in (1, 2):
+        make_cell(study, f"fit{seed}", "fit", seed, evals=[(0, 0.1), (2, 0.3), (4, 0.5), (6, 0.6), (8, 0.62)],
+                  kl=[0.1 * k for k in range(1, 9)], problems=problems)
+        make_cell(study, f"few{seed}", "few", seed, evals=[(0, 0.1), (2, 0.3)], kl=[0.1, 0.2], problems=problems)
+    rep = write_report(ReportInputs(str(study), None, plots=True, workers=1))
+    fits = {r["group"]: r["compute_fit"] for r in rep["groups"]}
+    assert "A" in fits["fit"] and "A" not in fits["few"] and fits["few"]["note"].startswith("no fit")
+    assert sorted(os.path.basename(p) for p in rep["plots"]) == [
+        "accuracy_vs_kl.png", "accuracy_vs_step.png", "compute_fit.png"]
+    assert all(os.path.getsize(p) > 1000 for p in rep["plots"])
+
+
 # -------------------------------------------------------------------------------------------- slurm
 def test_slurm_arrays_split_at_max_array_size_and_the_report_depends_on_all(tmp_path, monkeypatch):
     spec = load_spec(spec_file(tmp_path, """

@@ -476,8 +476,9 @@ def _curves(ax, curves: list[tuple[str, list, list, list | None, list | None]], 
     bands, lines, colors, band_colors, px, py, pc, handles = [], [], [], [], [], [], [], []
     for i, (label, xs, mean, lo, hi) in enumerate(curves):
         color = _color(i)
-        lines.append(list(zip(xs, mean)))
-        colors.append(color)
+        if len(xs):  # a group without a line (e.g. no compute fit) keeps its colour slot and legend entry
+            lines.append(list(zip(xs, mean)))
+            colors.append(color)
         if lo is not None and len(xs) > 1:
             bands.append(list(zip(xs, lo)) + list(zip(reversed(xs), reversed(hi))))
             band_colors.append(color)
@@ -488,7 +489,8 @@ def _curves(ax, curves: list[tuple[str, list, list, list | None, list | None]], 
         handles.append(Line2D([], [], color=color, marker="o" if marker else None, ms=3, label=label))
     if bands:
         ax.add_collection(PolyCollection(bands, facecolors=band_colors, edgecolors="none", alpha=0.2))
-    ax.add_collection(LineCollection(lines, colors=colors, linewidths=1.5))
+    if lines:
+        ax.add_collection(LineCollection(lines, colors=colors, linewidths=1.5))
     if px:
         ax.scatter(px, py, s=9, c=pc, zorder=3)
     ax.autoscale_view()
