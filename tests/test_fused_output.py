@@ -142,13 +142,14 @@ def test_weight_only_and_hidden_only_grads():
     outs = fused_output_logprobs(hid, w, p["target"], p["ref_hidden"].float(),
                                  p["ref_weight"].float(), token_block=8, vocab_block=8)
     sum((o * u.float()).sum() for o, u in zip(outs, p["ups"])).backward()
-    assert (w.grad - ref[2]).abs().max() < 2e-6
+    # fp32 against float64: the error grows with the gradient's size (entries up to ~2.4 here; 2.4e-6 seen on an AMD EPYC)
+    assert (w.grad - ref[2]).abs().max() < 2e-6 * max(1.0, ref[2].abs().max().item())
     hid = p["hidden"].float().requires_grad_()
     w = p["weight"].float()
     outs = fused_output_logprobs(hid, w, p["target"], p["ref_hidden"].float(),
                                  p["ref_weight"].float(), token_block=8, vocab_block=8)
     sum((o * u.float()).sum() for o, u in zip(outs, p["ups"])).backward()
-    assert (hid.grad - ref[1]).abs().max() < 2e-6
+    assert (hid.grad - ref[1]).abs().max() < 2e-6 * max(1.0, ref[1].abs().max().item())
 
 
 @pytest.mark.slow
