@@ -38,6 +38,10 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self._size
 
+    def __contains__(self, prompt_id: str) -> bool:
+        """Whether responses to this prompt are stored (what `mix` can swap in)."""
+        return prompt_id in self._store
+
     def add(self, prompt_id: str, samples: list[Sample]) -> None:
         bucket = self._store.pop(prompt_id, [])
         self._size -= len(bucket)

@@ -6,7 +6,6 @@ replaced by an earlier response to that prompt. Replayed samples are flagged off
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import torch
@@ -40,7 +39,7 @@ class ReplaySource:
                                  prompts.dp_size, fresh.rollouts.n, algorithm.replay_capacity)
             if reach < 0.5:
                 notice(low_replay_message(algorithm.replay_p, reach, algorithm.replay_capacity, len(prompts.problems),
-                                          fresh.rollouts.n, prompts.dp_size))
+                                          prompts.dp_size))
         return source
 
     def next_batch(self, step: int, timings: dict) -> StepSamples:
@@ -75,29 +74,26 @@ def replay_reach(num_problems: int, prompts_per_step: int, steps: int, seed: int
     its own prompt, so the replayed share of the run is ``replay_p`` times this.
 
     Exact for the run's prompt order (`prompt_indices`: epochs of seeded permutations, sliced by
-    DP rank), simulated with the buffer's own eviction (oldest prompt first) on the first
+    DP rank), run through a ReplayBuffer (its own eviction, oldest prompt first) on the first
     `MAX_SIMULATED_DRAWS` draws. It is small when a prompt comes back only after an epoch while the
     buffer holds a few steps' responses, and under DP a prompt returns to the same rank only 1 in
     ``dp_size`` times.
     """
     per_rank = max(1, prompts_per_step // max(1, dp_size))
     steps = min(steps, max(1, MAX_SIMULATED_DRAWS // per_rank))
-    store: "collections.OrderedDict[int, int]" = collections.OrderedDict()
-    size = hits = draws = 0
+    buffer = ReplayBuffer(capacity, per_prompt)  # the real eviction, fed placeholder responses
+    responses = [None] * n
+    hits = draws = 0
     for step in range(steps):
         idx = prompt_indices(num_problems, prompts_per_step, step, seed, 0, dp_size)
-        hits += sum(i in store for i in idx)
+        hits += sum(i in buffer for i in idx)
         draws += len(idx)
-        for i in idx:  # ReplayBuffer.add: the prompt's last per_prompt responses move to the newest end,
-            had = store.pop(i, 0)  # then the oldest prompts are evicted
-            store[i] = min(had + n, per_prompt)
-            size += store[i] - had
-            while size > capacity and store:
-                size -= store.popitem(last=False)[1]
+        for i in idx:
+            buffer.add(i, responses)
     return hits / max(1, draws)
 
 
-def low_replay_message(p: float, reach: float, capacity: int, num_problems: int, n: int, dp_size: int) -> str:
+def low_replay_message(p: float, reach: float, capacity: int, num_problems: int, dp_size: int) -> str:
     per_prompt = ReplayBuffer.DEFAULT_PER_PROMPT
     need = num_problems * per_prompt
     why = [f"the buffer holds {capacity} samples (up to {per_prompt} per prompt, oldest prompts evicted first) "
