@@ -545,17 +545,16 @@ def _compute_fit_figure(ax, rows: list[dict], size_fits: dict) -> list | None:
         px += cs
         py += acc
         pc += [color] * len(cs)
+        grid, y = [], []  # no line where the fit failed; the group keeps its colour slot in _curves
         if "A" in fit and fit["A"][0] is not None:
             grid = np.geomspace(min(cs), max(cs) * 4, 100)
             y = stats.sigmoid_curve(grid, fit["A"][0], fit["B"][0], fit["C_mid"][0], fit["r0"])
-            lines.append((row["group"], list(grid), list(y), None, None))
+        lines.append((row["group"], list(grid), list(y), None, None))
         handles.append(Line2D([], [], color=color, marker=".", label=row["group"]))
     ax.set_xscale("log")
     if px:
         ax.scatter(px, py, s=12, c=pc, alpha=0.5)
-    if lines:  # fit lines keep their group's colour: _curves colours by position, so pad with empties
-        by_group = {label: (x, y) for label, x, y, _, _ in lines}
-        _curves(ax, [(r["group"], *by_group.get(r["group"], ([], [])), None, None) for r in fits], marker=False)
+    _curves(ax, lines, marker=False)
     ax.set_xlabel("compute C (training + generation FLOPs)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("compute fits (points: evaluations of every seed; line: fit; beyond the data: extrapolation)")
